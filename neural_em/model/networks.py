@@ -1,0 +1,306 @@
+"""Inner networks of the EM cell (the M-step), built from layer lists.
+
+As in the published code, a network is three lists of layer specs: ``input``
+(feed-forward encoder of the masked deltas), ``recurrent`` (one recurrent layer
+whose hidden state is θ) and ``output`` (feed-forward decoder to ψ). A new
+architecture is a configuration change, not new code.
+
+A layer spec is a dict with a ``name`` and its arguments:
+
+* ``{'name': 'input_norm'}``: normalise each sample to zero mean, unit std.
+* ``{'name': 'reshape', 'shape': (H, W, C)}`` or ``{'shape': -1}`` (flatten).
+* ``{'name': 'fc', 'size': 512, 'act': 'elu', 'ln': True}``; ``size: None``
+  means "the number of pixel values" (H·W·C), so the decoder fits any image.
+* ``{'name': 'conv', 'size': 32, 'kernel': (4, 4), 'stride': (2, 2), ...}``.
+* ``{'name': 'r_conv', ...}``: nearest-neighbour resize by ``stride`` then a
+  stride-1 convolution (not a transposed convolution: no checkerboards).
+* ``{'name': 'rnn', 'size': 250, 'act': 'sigmoid', 'ln': False}``:
+  h' = act(LN(W·x + R·h + b)), layer norm on the sum, not on R·h alone.
+
+``use_NEM_formulation: True`` selects N-EM: the real gradient-ascent M-step
+with tied weights (:class:`NEMStep`), not an RNN under another name.
+"""
+
+import copy
+
+import keras
+from keras import ops
+
+ACTIVATIONS = ("sigmoid", "tanh", "relu", "elu", "linear", "softplus", "exp")
+
+# The four networks of the paper's appendix A, as the published code lists them.
+PRESETS = {
+    "shapes": {
+        "use_NEM_formulation": False,
+        "input": [],
+        "recurrent": [{"name": "rnn", "size": 250, "act": "sigmoid", "ln": False}],
+        "output": [{"name": "fc", "size": None, "act": "sigmoid", "ln": False}],
+    },
+    "NEM": {
+        "use_NEM_formulation": True,
+        "input": [],
+        "recurrent": [{"name": "rnn", "size": 250, "act": "sigmoid", "ln": False}],
+        "output": [{"name": "fc", "size": None, "act": "sigmoid", "ln": False}],
+    },
+    "flying_shapes": {
+        "use_NEM_formulation": False,
+        "input": [
+            {"name": "reshape", "shape": (28, 28, 1)},
+            {"name": "conv", "size": 32, "act": "elu", "stride": (2, 2), "kernel": (4, 4), "ln": True},
+            {"name": "conv", "size": 64, "act": "elu", "stride": (2, 2), "kernel": (4, 4), "ln": True},
+            {"name": "reshape", "shape": -1},
+            {"name": "fc", "size": 512, "act": "elu", "ln": True},
+        ],
+        "recurrent": [{"name": "rnn", "size": 100, "act": "sigmoid", "ln": True}],
+        "output": [
+            {"name": "fc", "size": 512, "act": "relu", "ln": True},
+            {"name": "fc", "size": 7 * 7 * 64, "act": "relu", "ln": True},
+            {"name": "reshape", "shape": (7, 7, 64)},
+            {"name": "r_conv", "size": 32, "act": "relu", "stride": (2, 2), "kernel": (4, 4), "ln": True},
+            {"name": "r_conv", "size": 1, "act": "sigmoid", "stride": (2, 2), "kernel": (4, 4), "ln": False},
+            {"name": "reshape", "shape": -1},
+        ],
+    },
+    "flying_mnist": {
+        "use_NEM_formulation": False,
+        "input": [
+            {"name": "input_norm"},
+            {"name": "reshape", "shape": (24, 24, 1)},
+            {"name": "conv", "size": 32, "act": "elu", "stride": (2, 2), "kernel": (4, 4), "ln": True},
+            {"name": "conv", "size": 64, "act": "elu", "stride": (2, 2), "kernel": (4, 4), "ln": True},
+            {"name": "conv", "size": 128, "act": "elu", "stride": (2, 2), "kernel": (4, 4), "ln": True},
+            {"name": "reshape", "shape": -1},
+            {"name": "fc", "size": 512, "act": "elu", "ln": True},
+        ],
+        "recurrent": [{"name": "rnn", "size": 250, "act": "sigmoid", "ln": True}],
+        "output": [
+            {"name": "fc", "size": 512, "act": "relu", "ln": True},
+            {"name": "fc", "size": 3 * 3 * 128, "act": "relu", "ln": True},
+            {"name": "reshape", "shape": (3, 3, 128)},
+            {"name": "r_conv", "size": 64, "act": "relu", "stride": (2, 2), "kernel": (4, 4), "ln": True},
+            {"name": "r_conv", "size": 32, "act": "relu", "stride": (2, 2), "kernel": (4, 4), "ln": True},
+            {"name": "r_conv", "size": 1, "act": "linear", "stride": (2, 2), "kernel": (4, 4), "ln": False},
+            {"name": "reshape", "shape": -1},
+        ],
+    },
+}
+
+
+def network_config(name_or_config):
+    """Returns a deep copy of a preset (by name) or validates a layer-list dict."""
+    if isinstance(name_or_config, str):
+        if name_or_config not in PRESETS:
+            raise ValueError(
+                f"Unknown network {name_or_config!r}; expected one of {sorted(PRESETS)} "
+                "or a dict with 'input', 'recurrent' and 'output' layer lists."
+            )
+        return copy.deepcopy(PRESETS[name_or_config])
+    config = copy.deepcopy(dict(name_or_config))
+    for key in ("input", "recurrent", "output"):
+        if key not in config:
+            raise ValueError(f"Network config lacks the layer list {key!r}; got keys {sorted(config)}.")
+    if len(config["recurrent"]) != 1 or config["recurrent"][0].get("name", "rnn") != "rnn":
+        raise ValueError(
+            f"Network config needs exactly one recurrent layer {{'name': 'rnn', ...}}; got {config['recurrent']!r}."
+        )
+    config.setdefault("use_NEM_formulation", False)
+    return config
+
+
+def _activation(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {ACTIVATIONS}.")
+    return keras.activations.get(name)
+
+
+@keras.saving.register_keras_serializable(package="neural_em")
+class InputNorm(keras.layers.Layer):
+    """Normalises every sample to zero mean and unit std over all its values."""
+
+    def call(self, x):
+        axes = tuple(range(1, len(x.shape)))
+        mean = ops.mean(x, axis=axes, keepdims=True)  # (N, 1)
+        std = ops.std(x, axis=axes, keepdims=True)  # (N, 1)
+        return (x - mean) / (std + 1e-6)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="neural_em")
+class RecurrentLayer(keras.layers.Layer):
+    """h' = act(LN(W·x + R·h + b)): the RNN layer of the published networks.
+
+    Args:
+        units: size of the hidden state θ.
+        activation: name of the activation (sigmoid in every paper network).
+        layer_norm: whether to layer-normalise the pre-activation.
+    """
+
+    def __init__(self, units, activation="sigmoid", layer_norm=False, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.activation_name = activation
+        self.layer_norm = layer_norm
+        self.activation = _activation(activation)
+        self.input_dense = keras.layers.Dense(units, name="input_kernel")
+        self.recurrent_dense = keras.layers.Dense(units, use_bias=False, name="recurrent_kernel")
+        self.norm = keras.layers.LayerNormalization(name="ln") if layer_norm else None
+
+    def build(self, input_shape):
+        self.input_dense.build(input_shape)
+        self.recurrent_dense.build((input_shape[0], self.units))
+        if self.norm is not None:
+            self.norm.build((input_shape[0], self.units))
+
+    def call(self, x, h):
+        pre_activation = self.input_dense(x) + self.recurrent_dense(h)  # (N, units)
+        if self.norm is not None:
+            pre_activation = self.norm(pre_activation)
+        return self.activation(pre_activation)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "activation": self.activation_name,
+                "layer_norm": self.layer_norm}
+
+
+def _feed_forward_layer(spec, num_pixel_values, index):
+    """One layer spec -> a list of Keras layers (layer, [layer norm], [activation])."""
+    kind = spec.get("name")
+    prefix = f"{kind}_{index}"
+    if kind == "input_norm":
+        return [InputNorm(name=prefix)]
+    if kind == "reshape":
+        shape = spec["shape"]
+        return [keras.layers.Flatten(name=prefix) if shape == -1 else keras.layers.Reshape(tuple(shape), name=prefix)]
+    if kind not in ("fc", "conv", "r_conv"):
+        raise ValueError(
+            f"Unknown layer name {kind!r} in network spec {spec!r}; "
+            "expected 'fc', 'conv', 'r_conv', 'reshape' or 'input_norm'."
+        )
+    size = num_pixel_values if spec.get("size") is None else spec["size"]
+    layers = []
+    if kind == "fc":
+        layers.append(keras.layers.Dense(size, name=prefix))
+        norm_axes = -1
+    else:
+        stride = tuple(spec.get("stride", (1, 1)))
+        kernel = tuple(spec.get("kernel", (4, 4)))
+        if kind == "r_conv":
+            layers.append(keras.layers.UpSampling2D(stride, interpolation="nearest", name=f"{prefix}_up"))
+            stride = (1, 1)
+        layers.append(keras.layers.Conv2D(size, kernel, strides=stride, padding="same", name=prefix))
+        norm_axes = (-3, -2, -1)
+    if spec.get("ln", False):
+        layers.append(keras.layers.LayerNormalization(axis=norm_axes, name=f"{prefix}_ln"))
+    layers.append(keras.layers.Activation(_activation(spec.get("act", "linear")), name=f"{prefix}_act"))
+    return layers
+
+
+@keras.saving.register_keras_serializable(package="neural_em")
+class InnerNetwork(keras.layers.Layer):
+    """RNN-EM's M-step: encoder -> recurrent layer (θ) -> decoder (ψ).
+
+    Args:
+        config: a layer-list dict (see the module docstring) or a preset name.
+        num_pixel_values: H·W·C, the size of the flat input and output.
+
+    Call:
+        x: masked deltas, (N, H·W·C) with N = batch · K.
+        h: previous hidden state θ, (N, units).
+    Returns:
+        (ψ (N, H·W·C), new θ (N, units)).
+    """
+
+    def __init__(self, config, num_pixel_values, **kwargs):
+        super().__init__(**kwargs)
+        self.config = network_config(config)
+        self.num_pixel_values = num_pixel_values
+        rnn = self.config["recurrent"][0]
+        self.units = rnn["size"]
+        self.encoder = [layer for i, spec in enumerate(self.config["input"])
+                        for layer in _feed_forward_layer(spec, num_pixel_values, i)]
+        self.recurrent = RecurrentLayer(rnn["size"], rnn.get("act", "sigmoid"), rnn.get("ln", False),
+                                        name="recurrent")
+        self.decoder = [layer for i, spec in enumerate(self.config["output"])
+                        for layer in _feed_forward_layer(spec, num_pixel_values, len(self.config["input"]) + i)]
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.encoder:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        self.recurrent.build(shape)
+        shape = (shape[0], self.units)
+        for layer in self.decoder:
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        if tuple(shape[1:]) != (self.num_pixel_values,):
+            raise ValueError(
+                f"The network's output has shape {tuple(shape[1:])} per sample, but the images have "
+                f"{self.num_pixel_values} pixel values; make the decoder end in a flat layer of that size."
+            )
+
+    def call(self, x, h, training=None):
+        for layer in self.encoder:
+            x = layer(x)
+        h_new = self.recurrent(x, h)  # (N, units)
+        y = h_new
+        for layer in self.decoder:
+            y = layer(y)
+        return y, h_new  # (N, H·W·C), (N, units)
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config, "num_pixel_values": self.num_pixel_values}
+
+
+@keras.saving.register_keras_serializable(package="neural_em")
+class NEMStep(keras.layers.Layer):
+    """N-EM's generalised M-step: one gradient-ascent step on the expected log-likelihood.
+
+    With ψ = f(W·σ(h) + b) and the γ-masked deltas m = γ ⊙ (x − ψ) as input,
+    ∂/∂h Σ_i γ_i log P(x_i | ψ_i) = σ'(h) ⊙ (Wᵀ m), hence
+    h ← h + η · σ(h)(1 − σ(h)) ⊙ (Wᵀ m), the encoder being the decoder's transpose.
+
+    Args:
+        config: a layer-list dict with ``use_NEM_formulation`` (or the preset "NEM"):
+            the recurrent size is the number of units, the last output layer's
+            activation the output non-linearity.
+        num_pixel_values: H·W·C.
+        initial_step_size: starting value of the learned η.
+    """
+
+    def __init__(self, config, num_pixel_values, initial_step_size=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.config = network_config(config)
+        self.num_pixel_values = num_pixel_values
+        self.initial_step_size = initial_step_size
+        self.units = self.config["recurrent"][0]["size"]
+        self.output_activation = _activation(self.config["output"][-1].get("act", "sigmoid"))
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            shape=(self.num_pixel_values, self.units), name="kernel",
+            initializer=keras.initializers.TruncatedNormal(stddev=0.01))
+        self.output_bias = self.add_weight(shape=(self.num_pixel_values,), name="output_bias", initializer="zeros")
+        self.step_size = self.add_weight(
+            shape=(), name="step_size", initializer=keras.initializers.Constant(self.initial_step_size))
+
+    def call(self, x, h, training=None):
+        gradient = ops.matmul(x, self.kernel)  # (N, units): Wᵀ m
+        sigma_h = ops.sigmoid(h)
+        h_new = h + self.step_size * sigma_h * (1.0 - sigma_h) * gradient  # (N, units)
+        logits = ops.matmul(ops.sigmoid(h_new), ops.transpose(self.kernel)) + self.output_bias  # (N, H·W·C)
+        return self.output_activation(logits), h_new
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config, "num_pixel_values": self.num_pixel_values,
+                "initial_step_size": self.initial_step_size}
+
+
+def build_inner_network(config, num_pixel_values, name="inner_network"):
+    """Builds the M-step network from a preset name or a layer-list dict."""
+    config = network_config(config)
+    if config["use_NEM_formulation"]:
+        return NEMStep(config, num_pixel_values, name=name)
+    return InnerNetwork(config, num_pixel_values, name=name)
