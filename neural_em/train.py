@@ -1,0 +1,97 @@
+"""Train N-EM / RNN-EM: ``python -m neural_em.train with k=3``.
+
+Every run is recorded by Sacred: in ``runs/neural_em.db`` (SQLite) by default,
+in another SQL database with ``--db URL``, or in MongoDB with Sacred's ``-m``.
+Run ``python -m neural_em.train print_config`` to see every setting.
+"""
+
+import sys
+
+import numpy as np
+
+from neural_em import experiment, plots, training
+from neural_em.data.pipeline import dataset_info
+from neural_em.observers import make_observer
+
+ex = experiment.make_experiment("neural_em_train")
+
+
+@ex.main
+def train(_config, _run, seed):
+    """Trains a model as configured; the result is the best validation AMI."""
+    config = _config
+    experiment.check_config(config)
+    path = experiment.dataset_path(config["dataset"])
+    info = dataset_info(path)
+    _, noise_type = experiment.resolved_settings(config, info)
+    model = experiment.make_model(config, info)
+    if config["init_weights"]:
+        experiment.build(model, info.frames)
+        model.load_weights(config["init_weights"])
+        print(f"Starting from the weights in {config['init_weights']}.")
+
+    run_cfg = config["training"]
+    noise = dict(noise_type=noise_type, noise_prob=config["noise"]["prob"])
+    train_batches = training.make_batches(path, "training", run_cfg["batch_size"], shuffle=True, seed=seed,
+                                          max_sequences=run_cfg["train_sequences"], **noise)
+    valid_batches = training.make_batches(path, "validation", run_cfg["batch_size"], shuffle=False, seed=seed + 1,
+                                          max_sequences=run_cfg["valid_sequences"], reshuffle_each_iteration=False,
+                                          **noise)
+    score_count = config["scoring"]["valid_sequences"]
+
+    def score_batches():
+        return training.make_batches(path, "validation", run_cfg["batch_size"], shuffle=False, seed=seed + 1,
+                                     max_sequences=score_count, with_groups=True, reshuffle_each_iteration=False,
+                                     **noise)
+
+    folder = experiment.checkpoint_dir(config)
+    if not config["resume"] and (folder / training.STATE).exists():
+        raise experiment.ConfigError(
+            f"Checkpoint folder {folder} already holds a run and resume=False; "
+            "pass another checkpoint_dir or delete the folder.")
+    _run.info["checkpoint_dir"] = str(folder)
+    print(f"Checkpoints: {folder}")
+    model, state = training.train(
+        model, folder, train_batches, valid_batches,
+        max_epochs=run_cfg["max_epochs"], patience=run_cfg["patience"], learning_rate=run_cfg["learning_rate"],
+        score_batches=score_batches if score_count else None, log_metric=_run.log_scalar,
+        average_method=config["scoring"]["average_method"], jit_compile=run_cfg["jit_compile"],
+        verbose=run_cfg["verbose"],
+    )
+    _run.info.update(epochs=state["epoch"], best_epoch=state["best_epoch"], stop_reason=state["stop_reason"])
+
+    _run.add_artifact(str(folder / training.BEST_WEIGHTS), "best.weights.h5")
+    _save_debug_plots(model, folder, state, path, noise, _run)
+    best_ami = state["best_ami"]
+    if best_ami is None and "val_ami" in state["history"]:
+        best_ami = float(np.nanmax(state["history"]["val_ami"]))
+    return experiment.finite_or_none(best_ami)
+
+
+def _save_debug_plots(model, folder, state, path, noise, run):
+    """The learning curves and an overview figure of a few validation sequences."""
+    history = {name: list(enumerate(values, 1)) for name, values in state["history"].items()}
+    if history:
+        run.add_artifact(str(plots.learning_curves(history, folder / "learning_curves.png")))
+    batch = next(iter(training.make_batches(path, "validation", 4, shuffle=False, max_sequences=4, **noise)))
+    batch = {name: np.asarray(value) for name, value in batch.items()}
+    outputs = model.predict_on_batch(batch)
+    targets = np.asarray(model.em_targets(batch["features"]))  # (B, S, H, W, C)
+    inputs = np.asarray(model.em_inputs(batch["noisy"]))  # (B, S, H, W, C)
+    figure = plots.overview_figure(targets, inputs, np.asarray(outputs["psi"]), np.asarray(outputs["gamma"]),
+                                   folder / "overview.png")
+    run.add_artifact(str(figure))
+
+
+OBSERVER_FLAGS = ("-m", "--mongo_db", "-R", "--db", "-u", "--unobserved", "-s", "--sql", "-F", "--file_storage")
+
+
+def main(argv=None):
+    argv = list(sys.argv if argv is None else argv)
+    if not any(arg.split("=")[0] in OBSERVER_FLAGS for arg in argv[1:]):
+        ex.observers.append(make_observer())
+    ex.run_commandline(argv)
+
+
+if __name__ == "__main__":
+    main()

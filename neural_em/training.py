@@ -1,0 +1,222 @@
+"""Training with checkpoints, early stopping, resumption and validation scores.
+
+Knows nothing of Sacred: metrics leave through a ``log_metric(name, value,
+step)`` callable, so the loop can be used and tested on its own.
+
+A checkpoint folder holds
+  ``last.keras``         model and optimizer after the last finished epoch,
+  ``best.weights.h5``    weights of the epoch with the lowest validation loss,
+  ``state.json``         epoch, early-stopping counters, best scores, history.
+Each file is written beside its final name and renamed, so a run killed at any
+moment leaves the previous epoch's checkpoint intact; training started again on
+the same folder goes on from there.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from neural_em import metrics
+from neural_em.data.pipeline import H5Batches, make_tf_dataset
+
+LAST_MODEL = "last.keras"
+BEST_WEIGHTS = "best.weights.h5"
+STATE = "state.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def make_batches(path, split, batch_size, **options):
+    """The pipeline that suits the backend: ``tf.data`` on TensorFlow, a PyDataset elsewhere."""
+    if keras.backend.backend() == "tensorflow":
+        return make_tf_dataset(path, split, batch_size, **options)
+    return H5Batches(path, split, batch_size, **options)
+
+
+def score_model(model, batches, *, average_method="max", max_batches=None):
+    """Grouping scores of a model on batches that carry ground-truth 'groups'.
+
+    Static images are scored at every EM step against the same groups; sequences
+    at step t against the groups of frame t + 1, as the loss is.
+
+    Returns:
+        dict of per-sequence arrays: 'ami', 'ari', 'confidence' (N, S) per step, and
+        'ami_weighted', 'ami_last', 'ari_weighted', 'ari_last' (N,), where weighted
+        uses the loss step weights.
+    """
+    per_step = {"ami": [], "ari": [], "confidence": []}
+    weights = None
+    for index, batch in enumerate(batches):
+        if max_batches is not None and index >= max_batches:
+            break
+        batch = {name: np.asarray(value) for name, value in batch.items()}
+        gamma = np.asarray(model.predict_on_batch(batch)["gamma"])  # (B, S, K, H, W, 1)
+        groups = np.asarray(model.em_targets(batch["groups"]))  # (B, S, H, W, 1)
+        scores = metrics.grouping_scores(groups, gamma, average_method=average_method)
+        for name in per_step:
+            per_step[name].append(scores[name])
+        weights = model.step_weights(batch["features"].shape[1])
+    result = {name: np.concatenate(values) for name, values in per_step.items()}
+    for name in ("ami", "ari"):
+        combined = metrics.sequence_scores(result[name], weights)
+        result[f"{name}_weighted"], result[f"{name}_last"] = combined["weighted"], combined["last"]
+    return result
+
+
+def _atomic_write_text(path, text):
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save(save, path):
+    # Keras picks the format from the suffix, so the temporary name keeps it.
+    tmp = path.with_name("partial-" + path.name)
+    save(str(tmp))
+    os.replace(tmp, path)
+
+
+class CheckpointState:
+    """What survives an interruption besides the weights."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / STATE
+        self.data = {"epoch": 0, "best_val_loss": math.inf, "best_epoch": None, "wait": 0,
+                     "best_ami": None, "finished": False, "stop_reason": None, "history": {}}
+        if self.path.exists():
+            try:
+                self.data.update(json.loads(self.path.read_text()))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"Checkpoint state {self.path} is not valid JSON ({error}); "
+                                 "delete the checkpoint folder or pass another one.") from error
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+
+    def save(self):
+        _atomic_write_text(self.path, json.dumps(self.data, indent=1, allow_nan=True))
+
+
+class EpochEnd(keras.callbacks.Callback):
+    """Scores, logs, checkpoints and early-stops at the end of every epoch.
+
+    Args:
+        folder: the checkpoint folder.
+        state: its CheckpointState.
+        patience: epochs without a lower validation loss before stopping.
+        score_batches: a callable returning batches with 'groups' for AMI/ARI, or None.
+        log_metric: ``log_metric(name, value, epoch)``, e.g. Sacred's ``_run.log_scalar``.
+        average_method: AMI normaliser.
+    """
+
+    def __init__(self, folder, state, patience, score_batches=None, log_metric=None, average_method="max"):
+        super().__init__()
+        self.folder = Path(folder)
+        self.state = state
+        self.patience = patience
+        self.score_batches = score_batches
+        self.log_metric = log_metric or (lambda name, value, step: None)
+        self.average_method = average_method
+        self.diverged = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged = f"the training loss became {float(loss)} in batch {batch} of epoch {self.state['epoch'] + 1}"
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.diverged:
+            return  # keep the last good checkpoint
+        logs = dict(logs or {})
+        if self.score_batches is not None:
+            scores = score_model(self.model, self.score_batches(), average_method=self.average_method)
+            logs["val_ami"] = float(np.mean(scores["ami_weighted"]))
+            logs["val_ami_last"] = float(np.mean(scores["ami_last"]))
+            logs["val_ari"] = float(np.mean(scores["ari_weighted"]))
+            logs["val_confidence"] = float(np.mean(scores["confidence"]))
+        if self.params.get("verbose"):
+            scores = ", ".join(f"{name}={logs[name]:.4f}" for name in ("val_ami", "val_ari") if name in logs)
+            if scores:
+                print(f"Epoch {epoch + 1} validation scores: {scores}")
+        for name, value in logs.items():
+            value = float(value)
+            self.log_metric(name, value, epoch + 1)
+            self.state["history"].setdefault(name, []).append(value)
+
+        val_loss = float(logs.get("val_loss", logs["loss"]))
+        if not math.isfinite(val_loss):
+            self.diverged = f"the validation loss became {val_loss} in epoch {epoch + 1}"
+            self.model.stop_training = True
+            return
+        if val_loss < self.state["best_val_loss"]:
+            self.state["best_val_loss"], self.state["best_epoch"], self.state["wait"] = val_loss, epoch + 1, 0
+            self.state["best_ami"] = logs.get("val_ami")
+            _atomic_save(self.model.save_weights, self.folder / BEST_WEIGHTS)
+        else:
+            self.state["wait"] += 1
+        self.state["epoch"] = epoch + 1
+        if self.state["wait"] >= self.patience:
+            self.state["stop_reason"] = f"no lower validation loss for {self.patience} epochs"
+            self.model.stop_training = True
+        _atomic_save(self.model.save, self.folder / LAST_MODEL)
+        self.state.save()
+
+
+def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, learning_rate=1e-3,
+          score_batches=None, log_metric=None, average_method="max", jit_compile="auto", verbose=1):
+    """Trains ``model`` (compiled here with Adam), or resumes from ``folder``.
+
+    Args:
+        model: a NeuralEM; replaced by the checkpoint's model when resuming.
+        folder: the checkpoint folder (created).
+        train_batches, valid_batches: pipelines of {'features', 'noisy'} batches.
+        max_epochs: epochs in all, counting those before an interruption.
+        patience: early-stopping patience on the validation loss.
+        learning_rate: Adam's learning rate.
+        score_batches: callable returning batches with 'groups' (a validation subset), or None.
+        log_metric: called as ``log_metric(name, value, epoch)`` for every logged value.
+        average_method: AMI normaliser ("max" is comparable with the paper).
+        jit_compile: passed to ``Model.compile``.
+        verbose: Keras progress bar (1) or none (0).
+
+    Returns:
+        (model with the best weights loaded, CheckpointState).
+
+    Raises:
+        TrainingDiverged: the loss became NaN; the best checkpoint stays as it was.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = CheckpointState(folder)
+    if (folder / LAST_MODEL).exists() and state["epoch"] > 0:
+        model = keras.models.load_model(folder / LAST_MODEL)  # with its optimizer state
+        if verbose:
+            print(f"Resuming from {folder / LAST_MODEL} after epoch {state['epoch']}.")
+    else:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), jit_compile=jit_compile)
+
+    if not state["finished"] and state["epoch"] < max_epochs:
+        epoch_end = EpochEnd(folder, state, patience, score_batches, log_metric, average_method)
+        model.fit(train_batches, validation_data=valid_batches, epochs=max_epochs, initial_epoch=state["epoch"],
+                  callbacks=[epoch_end], verbose=verbose)
+        if epoch_end.diverged:
+            best = folder / BEST_WEIGHTS
+            raise TrainingDiverged(
+                f"Training stopped: {epoch_end.diverged}. The best checkpoint {best} "
+                f"(epoch {state['best_epoch']}) is intact; lower the learning rate or check the data.")
+        state["finished"] = True
+        state["stop_reason"] = state["stop_reason"] or f"reached max_epochs={max_epochs}"
+        state.save()
+    if (folder / BEST_WEIGHTS).exists():
+        model.load_weights(folder / BEST_WEIGHTS)
+    return model, state
