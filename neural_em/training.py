@@ -173,7 +173,7 @@ class EpochEnd(keras.callbacks.Callback):
 
 
 def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, learning_rate=1e-3,
-          score_batches=None, log_metric=None, average_method="max", jit_compile="auto", verbose=1):
+          score_batches=None, log_metric=None, average_method="max", jit_compile="auto", verbose=1, callbacks=()):
     """Trains ``model`` (compiled here with Adam), or resumes from ``folder``.
 
     Args:
@@ -188,6 +188,7 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
         average_method: AMI normaliser ("max" is comparable with the paper).
         jit_compile: passed to ``Model.compile``.
         verbose: Keras progress bar (1) or none (0).
+        callbacks: further Keras callbacks, run after the checkpointing one.
 
     Returns:
         (model with the best weights loaded, CheckpointState).
@@ -208,12 +209,14 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
     if not state["finished"] and state["epoch"] < max_epochs:
         epoch_end = EpochEnd(folder, state, patience, score_batches, log_metric, average_method)
         model.fit(train_batches, validation_data=valid_batches, epochs=max_epochs, initial_epoch=state["epoch"],
-                  callbacks=[epoch_end], verbose=verbose)
+                  callbacks=[epoch_end, *callbacks], verbose=verbose)
         if epoch_end.diverged:
-            best = folder / BEST_WEIGHTS
+            if state["best_epoch"] is None:
+                kept = "No checkpoint had been written yet"
+            else:
+                kept = f"The best checkpoint {folder / BEST_WEIGHTS} (epoch {state['best_epoch']}) is intact"
             raise TrainingDiverged(
-                f"Training stopped: {epoch_end.diverged}. The best checkpoint {best} "
-                f"(epoch {state['best_epoch']}) is intact; lower the learning rate or check the data.")
+                f"Training stopped: {epoch_end.diverged}. {kept}; lower the learning rate or check the data.")
         state["finished"] = True
         state["stop_reason"] = state["stop_reason"] or f"reached max_epochs={max_epochs}"
         state.save()

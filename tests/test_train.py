@@ -1,0 +1,173 @@
+"""Training from the command line: recording, resumption, stage-wise loading, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from neural_em import experiment, observers, training
+from neural_em.data import registry
+from neural_em.data.pipeline import dataset_info
+from neural_em.model.nem import NeuralEM, build
+
+TINY = ["training.batch_size=16", "nr_steps=2", "scoring.valid_sequences=16", "training.verbose=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "shapes.h5"
+    return registry.generate("shapes", out=path, train=64, valid=32, test=32, progress=False)
+
+
+def _train_cli(tmp_path, *updates, db=None, wait=True):
+    command = [sys.executable, "-m", "neural_em.train", "with", *updates]
+    if db:
+        command += ["--db", db]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _check_recorded_run(db):
+    (run,) = observers.list_runs(db)
+    assert run["status"] == "COMPLETED"
+    assert run["config"]["k"] == 2 and run["config"]["dataset"]["name"] == "shapes"
+    metrics = observers.run_metrics(db, run["id"])
+    assert [step for step, _ in metrics["val_loss"]] == [1, 2]
+    assert {"loss", "intra_loss", "inter_loss", "val_ami", "val_ari"} <= set(metrics)
+    assert isinstance(run["result"], float) and -1 <= run["result"] <= 1
+    assert run["result"] == pytest.approx(max(value for _, value in metrics["val_ami"]), abs=1.0)
+    assert "best.weights.h5" in observers.run_artifacts(db, run["id"])
+
+
+def test_command_line_run_is_recorded_in_sqlite(tmp_path, tiny_shapes):
+    done = _train_cli(tmp_path, f"dataset.path={tiny_shapes}", "k=2", "training.max_epochs=2", *TINY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    db = f"sqlite:///{tmp_path / 'runs' / 'neural_em.db'}"  # the default database, relative to the cwd
+    _check_recorded_run(db)
+    listing = subprocess.run([sys.executable, "-m", "neural_em.runs", "--db", db], capture_output=True, text=True)
+    assert "COMPLETED" in listing.stdout and "shapes" in listing.stdout
+
+
+def test_command_line_run_is_recorded_in_postgresql(tmp_path, tiny_shapes, postgres_url):
+    done = _train_cli(tmp_path, f"dataset.path={tiny_shapes}", "k=2", "training.max_epochs=2", *TINY,
+                      db=postgres_url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    _check_recorded_run(postgres_url)
+    assert not (tmp_path / "runs" / "neural_em.db").exists()
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_shapes):
+    folder = tmp_path / "checkpoints"
+    big = registry.generate("shapes", out=tmp_path / "big.h5", train=1000, valid=16, test=16, progress=False)
+    updates = [f"dataset.path={big}", "k=2", "training.max_epochs=3", f"checkpoint_dir={folder}",
+               "training.batch_size=4", "nr_steps=2", "scoring.valid_sequences=8", "training.verbose=0"]
+    process = _train_cli(tmp_path, *updates, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        state = folder / training.STATE
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stdout.read().decode()
+    process.send_signal(signal.SIGKILL)  # mid-way through epoch 2
+    process.wait()
+    assert json.loads((folder / training.STATE).read_text())["epoch"] == 1
+
+    done = _train_cli(tmp_path, *updates, "training.verbose=1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Resuming from" in done.stdout and "after epoch 1" in done.stdout
+    state = json.loads((folder / training.STATE).read_text())
+    assert state["epoch"] == 3 and state["finished"]
+    assert len(state["history"]["val_loss"]) == 3
+
+
+def test_stage_wise_training_starts_from_given_weights(tmp_path, tiny_shapes):
+    info = dataset_info(tiny_shapes)
+    source = build(NeuralEM("shapes", info.image_shape, k=2, nr_steps=2, seed=7))
+    weights = tmp_path / "stage1.weights.h5"
+    source.save_weights(weights)
+    folder = tmp_path / "stage2"
+    done = _train_cli(tmp_path, f"dataset.path={tiny_shapes}", "k=2", "training.max_epochs=1", *TINY,
+                      f"init_weights={weights}", "training.learning_rate=1e-12", f"checkpoint_dir={folder}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Starting from the weights" in done.stdout
+    trained = build(NeuralEM("shapes", info.image_shape, k=2, nr_steps=2))
+    trained.load_weights(folder / training.BEST_WEIGHTS)
+    for before, after in zip(source.get_weights(), trained.get_weights()):
+        np.testing.assert_allclose(after, before, atol=1e-6)
+
+
+@pytest.mark.parametrize("update,message", [
+    ("k=0", "k=0"),
+    ("dataset.name=moving_dots", "dataset.name='moving_dots'"),
+    ("network.name=resnet", "network.name='resnet'"),
+    ("noise.prob=1.5", "noise.prob=1.5"),
+    ("init_weights=/nonexistent/best.weights.h5", "init_weights='/nonexistent/best.weights.h5'"),
+    ("training.batch_size=0", "training.batch_size=0"),
+    ("em.loss_step_weights=first", "em.loss_step_weights='first'"),
+])
+def test_invalid_configuration_fails_before_training(tmp_path, monkeypatch, update, message):
+    from neural_em.train import ex
+
+    monkeypatch.chdir(tmp_path)
+    key, value = update.split("=", 1)
+    with pytest.raises(experiment.ConfigError) as error:
+        ex.run(config_updates={key: _parse(value)}, options={"--unobserved": True})
+    assert message in str(error.value)
+    assert not (tmp_path / "runs" / "checkpoints").exists()
+    assert not (tmp_path / "data").exists()  # no data set generated either
+
+
+def _parse(value):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+class PoisonWeightsAfterFirstEpoch(keras.callbacks.Callback):
+    """Makes every weight NaN once epoch 1 is checkpointed, so epoch 2's loss is NaN."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            self.model.set_weights([np.full_like(w, np.nan) for w in self.model.get_weights()])
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    features = (rng.random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
+    batch = {"features": features, "noisy": features}
+    model = NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0)
+    with pytest.raises(training.TrainingDiverged, match="became nan.*epoch 2.*best checkpoint .* intact"):
+        training.train(model, tmp_path, batch, None, max_epochs=3, patience=3, verbose=0,
+                       callbacks=[PoisonWeightsAfterFirstEpoch()])
+    state = json.loads((tmp_path / training.STATE).read_text())
+    assert state["epoch"] == 1 and state["best_epoch"] == 1
+    restored = build(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2))
+    restored.load_weights(tmp_path / training.BEST_WEIGHTS)
+    assert all(np.all(np.isfinite(w)) for w in restored.get_weights())
+
+
+def test_few_hundred_steps_lower_the_loss_and_lift_ami_above_chance(tmp_path):
+    path = registry.generate("shapes", out=tmp_path / "shapes.h5", train=512, valid=64, test=16, progress=False)
+    info = dataset_info(path)
+    model = NeuralEM("shapes", info.image_shape, k=3, nr_steps=5, seed=0)
+    batches = training.make_batches(path, "training", 16, seed=0, noise_type="bitflip", noise_prob=0.1)
+    scores = lambda: training.make_batches(path, "validation", 64, shuffle=False, with_groups=True,  # noqa: E731
+                                           noise_type="bitflip", noise_prob=0.1)
+    logged = {}
+    model, state = training.train(
+        model, tmp_path / "ckpt", batches, None, max_epochs=8, patience=8, learning_rate=3e-3,
+        score_batches=scores, log_metric=lambda name, value, step: logged.setdefault(name, []).append(value),
+        verbose=0)
+    assert logged["loss"][-1] < 0.7 * logged["loss"][0]
+    # Chance is AMI ≈ 0; a model that groups nothing scores 0.
+    assert max(logged["val_ami"]) > 0.2, logged["val_ami"]
