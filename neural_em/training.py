@@ -209,7 +209,7 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
     if not state["finished"] and state["epoch"] < max_epochs:
         epoch_end = EpochEnd(folder, state, patience, score_batches, log_metric, average_method)
         model.fit(train_batches, validation_data=valid_batches, epochs=max_epochs, initial_epoch=state["epoch"],
-                  callbacks=[epoch_end, *callbacks], verbose=verbose)
+                  callbacks=[epoch_end, *callbacks], verbose=verbose, shuffle=False)  # the pipelines shuffle
         if epoch_end.diverged:
             if state["best_epoch"] is None:
                 kept = "No checkpoint had been written yet"

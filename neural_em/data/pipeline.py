@@ -322,6 +322,7 @@ def make_tf_dataset(
     if with_groups:
         signature["groups"] = tf.TensorSpec(batch_shape, tf.int32)
 
+    @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph chokes on the enclosing generator
     def with_noise(batch):
         noise_seed = batch.pop("noise_seed")
         batch["noisy"] = add_noise_tf(batch["features"], noise_type, noise_prob, noise_seed)
