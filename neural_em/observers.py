@@ -431,6 +431,20 @@ def db_option(url, run):
     run.observers.append(make_observer(url))
 
 
+# Sacred flags that choose observers: with none of them, a run gets the default database.
+OBSERVER_FLAGS = ("-m", "--mongo_db", "-R", "--db", "-u", "--unobserved", "-s", "--sql", "-F", "--file_storage")
+
+
+def run_commandline(ex, argv=None):
+    """``ex.run_commandline`` with the default SQLite observer unless the command line picks one."""
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    if not any(arg.split("=")[0] in OBSERVER_FLAGS for arg in argv[1:]):
+        ex.observers.append(make_observer())
+    return ex.run_commandline(argv)
+
+
 # ------------------------------------------------------------------ queries
 
 

@@ -5,13 +5,10 @@ in another SQL database with ``--db URL``, or in MongoDB with Sacred's ``-m``.
 Run ``python -m neural_em.train print_config`` to see every setting.
 """
 
-import sys
-
 import numpy as np
 
-from neural_em import experiment, plots, training
+from neural_em import experiment, observers, plots, training
 from neural_em.data.pipeline import dataset_info
-from neural_em.observers import make_observer
 
 ex = experiment.make_experiment("neural_em_train")
 
@@ -83,14 +80,8 @@ def _save_debug_plots(model, folder, state, path, noise, run):
     run.add_artifact(str(figure))
 
 
-OBSERVER_FLAGS = ("-m", "--mongo_db", "-R", "--db", "-u", "--unobserved", "-s", "--sql", "-F", "--file_storage")
-
-
 def main(argv=None):
-    argv = list(sys.argv if argv is None else argv)
-    if not any(arg.split("=")[0] in OBSERVER_FLAGS for arg in argv[1:]):
-        ex.observers.append(make_observer())
-    ex.run_commandline(argv)
+    observers.run_commandline(ex, argv)
 
 
 if __name__ == "__main__":

@@ -98,11 +98,18 @@ class EMCell(keras.layers.Layer):
     def build(self, input_shape):
         self.inner.build((None, self.num_pixel_values))
 
-    def get_initial_state(self, batch_size=None):
-        """θ = 0, ψ = pred_init, γ = |N(0, 1)| normalised over K (1 when K = 1)."""
+    def get_initial_state(self, batch_size=None, gamma=None):
+        """θ = 0, ψ = pred_init, γ = |N(0, 1)| normalised over K (1 when K = 1).
+
+        Args:
+            batch_size: B.
+            gamma: optional fixed initial γ, (B, K, H, W, 1), instead of the random one.
+        """
         theta = ops.zeros((batch_size, self.k * self.units))
         psi = ops.full((batch_size, self.k * self.num_pixel_values), self.pred_init)
-        if self.k == 1:
+        if gamma is not None:
+            gamma = ops.reshape(gamma, (batch_size, self.k * self.num_pixels))
+        elif self.k == 1:
             gamma = ops.ones((batch_size, self.num_pixels))
         else:
             gamma = ops.abs(keras.random.normal((batch_size, self.k, self.num_pixels), seed=self.seed_generator))

@@ -100,8 +100,7 @@ class NeuralEM(keras.Model):
         )  # (B, S, 2·H·W·C)
         initial_state = None
         if "initial_gamma" in batch:  # a fixed start instead of the random one: same γ on every backend
-            initial_state = self.cell.get_initial_state(batch_size)
-            initial_state[2] = ops.reshape(batch["initial_gamma"], (batch_size, -1))  # (B, K·H·W)
+            initial_state = self.cell.get_initial_state(batch_size, gamma=batch["initial_gamma"])
         outputs = self.rnn(flat, initial_state=initial_state, training=training)  # (B, S, output_size)
         gamma, psi, theta = split_outputs(outputs, self.k, self.image_shape, self.cell.units)
         return {"gamma": gamma, "psi": psi, "theta": theta}
