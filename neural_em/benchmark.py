@@ -125,7 +125,9 @@ VARIANTS = {
     "xla": Variant(jit_compile=True),
     "unrolled": Variant(unroll=True),
     "mixed_precision": Variant(dtype_policy="mixed_float16"),
+    "xla_unrolled": Variant(jit_compile=True, unroll=True),
 }
+DEFAULT_VARIANTS = ("default", "xla", "unrolled", "mixed_precision")  # xla_unrolled compiles for minutes
 
 
 class Sizes(NamedTuple):
@@ -173,7 +175,15 @@ def get_variant(name):
 
 
 def make_benchmark_data(config, folder, train_sequences):
-    """Generates a small data set for ``config`` (seed 0) and returns its path."""
+    """A small data set for ``config``: generated once (seed 0) into ``folder``.
+
+    Args:
+        config: a BenchmarkConfig (its data set and frame count).
+        folder: where the file goes; an existing file of the same name is reused.
+        train_sequences: size of the training split (validation and test get one sequence).
+    Returns:
+        The file's Path.
+    """
     path = Path(folder) / f"{config.dataset}_{config.frames}frames_{train_sequences}.h5"
     if not path.exists():
         registry.generate(config.dataset, out=path, train=train_sequences, valid=1, test=1,
@@ -186,6 +196,11 @@ def training_batches(config, data_path, batch_size, num_batches):
     return training.make_batches(data_path, "training", batch_size, shuffle=True, seed=0, noise_type="bitflip",
                                  noise_prob=config.noise_prob, drop_remainder=True,
                                  max_sequences=batch_size * num_batches)
+
+
+def fresh_folder(parent, prefix):
+    """A new empty folder: ``train`` would resume from a checkpoint left in a reused one."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
 def build_model(config, variant, image_shape):
@@ -235,15 +250,20 @@ def seconds_after_warmup(finish_times, warmup):
 def time_model_training(model, config, variant, data_path, batch_size, warmup, steps, folder):
     """Runs ``training.train`` for one epoch of warmup + steps batches and times the last ``steps``.
 
+    Args:
+        model: a built NeuralEM (``train`` compiles it with Adam and the variant's jit_compile).
+        config, variant: the BenchmarkConfig and Variant.
+        data_path: the HDF5 file, with at least (warmup + steps) · batch_size training sequences.
+        folder: a new checkpoint folder.
     Returns:
-        (sequences per second, the resolved jit_compile setting).
+        Sequences per second over the timed steps.
     """
     batches = training_batches(config, data_path, batch_size, warmup + steps)
     timer = StepTimer()
-    model, _ = training.train(model, folder, batches, None, max_epochs=1, patience=1,
-                              jit_compile=variant.jit_compile, verbose=0, callbacks=[timer])
+    training.train(model, folder, batches, None, max_epochs=1, patience=1, jit_compile=variant.jit_compile,
+                   verbose=0, callbacks=[timer])
     seconds, timed = seconds_after_warmup(timer.finished, warmup)
-    return batch_size * timed / seconds, bool(model.jit_compile)
+    return batch_size * timed / seconds
 
 
 # ----------------------------------------------------------------------------------------
@@ -363,7 +383,7 @@ def reference_parameters(model, plan):
     """
     tf = _tensorflow()
     expected = parameter_shapes(plan)
-    weights = {name: np.asarray(keras.ops.convert_to_numpy(variable), np.float32)
+    weights = {name: np.asarray(variable.numpy(), np.float32)
                for name, variable in model_variables_by_name(model).items()}
     found = {name: tuple(value.shape) for name, value in weights.items()}
     if found != expected:
@@ -408,10 +428,6 @@ def em_settings(model, frames):
     )
 
 
-TF_ACTIVATIONS = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "elu": "elu", "linear": None,
-                  "softplus": "softplus", "exp": "exp"}
-
-
 def _batch_size(x):
     """The first dimension of x: a Python int when static.
 
@@ -422,12 +438,13 @@ def _batch_size(x):
 
 
 def _activate(x, name):
+    """The activation ``name`` of the layer lists, in TensorFlow."""
     tf = _tensorflow()
-    if name not in TF_ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(TF_ACTIVATIONS)}.")
     functions = {"sigmoid": tf.sigmoid, "tanh": tf.tanh, "relu": tf.nn.relu, "elu": tf.nn.elu,
-                 "softplus": tf.nn.softplus, "exp": tf.exp}
-    return x if name == "linear" else functions[name](x)
+                 "softplus": tf.nn.softplus, "exp": tf.exp, "linear": tf.identity}
+    if name not in functions:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(functions)}.")
+    return functions[name](x)
 
 
 def _layer_norm(x, gamma, beta, axes, epsilon=1e-3):
@@ -435,6 +452,18 @@ def _layer_norm(x, gamma, beta, axes, epsilon=1e-3):
     tf = _tensorflow()
     mean, variance = tf.nn.moments(x, axes, keepdims=True)
     return (x - mean) * tf.math.rsqrt(variance + epsilon) * gamma + beta
+
+
+def _nearest_upsample(x, shape, factors):
+    """Nearest-neighbour resize by integer factors: (N, H, W, C) -> (N, H·f0, W·f1, C).
+
+    A broadcast multiply, not a repeat: inside a while loop XLA cannot compile the gradient
+    of a repeat (it reshapes to a run-time shape), nor ResizeNearestNeighborGrad on CPU.
+    """
+    tf = _tensorflow()
+    height, width, channels = shape
+    spread = tf.reshape(x, (-1, height, 1, width, 1, channels)) * tf.ones((1, 1, factors[0], 1, factors[1], 1))
+    return tf.reshape(spread, (-1, height * factors[0], width * factors[1], channels))  # (N, H, f0, W, f1, C) merged
 
 
 def _reference_layer(params, layer, x):
@@ -451,8 +480,8 @@ def _reference_layer(params, layer, x):
         norm_axes = [-1]
     else:
         stride = tuple(spec.get("stride", (1, 1)))
-        if kind == "r_conv":  # nearest-neighbour resize
-            x = tf.repeat(tf.repeat(x, stride[0], axis=1), stride[1], axis=2)
+        if kind == "r_conv":
+            x = _nearest_upsample(x, layer.input_shape, stride)
             stride = (1, 1)
         x = tf.nn.conv2d(x, params[f"{name}/kernel"], stride, "SAME") + params[f"{name}/bias"]
         norm_axes = [-3, -2, -1]
@@ -739,9 +768,9 @@ def benchmark_training_variant(config_name, variant_name, data_path, batch_size,
             if on_tensorflow:
                 check_batch = next(iter(training_batches(config, data_path, CHECK_SEQUENCES, 1)))
                 result.loss_difference = compare_losses(model, check_batch)["relative_difference"]
-            folder = Path(workdir) / f"checkpoints_{config_name}_{variant_name}_{batch_size}"
-            result.model_rate, _ = time_model_training(model, config, variant, data_path, batch_size, sizes.warmup,
-                                                       sizes.steps, folder)
+            folder = fresh_folder(workdir, f"checkpoints_{config_name}_{variant_name}_{batch_size}_")
+            result.model_rate = time_model_training(model, config, variant, data_path, batch_size, sizes.warmup,
+                                                    sizes.steps, folder)
         except Exception as error:  # a variant that fails is a result too
             result.notes.append(f"model: {_error_text(error)}")
     if on_tensorflow:
@@ -856,7 +885,8 @@ def measure_memory(config_name, data_path, batch_size, sizes, workdir, quick=Fal
     """
     request_path = Path(workdir) / f"memory_{config_name}_{batch_size}.json"
     request = dict(config=config_name, quick=quick, data_path=str(data_path), batch_size=batch_size,
-                   warmup=sizes.warmup, folder=str(Path(workdir) / f"memory_checkpoints_{config_name}_{batch_size}"))
+                   warmup=sizes.warmup,
+                   folder=str(fresh_folder(workdir, f"memory_checkpoints_{config_name}_{batch_size}_")))
     request_path.write_text(json.dumps(request))
     code = "import sys; from neural_em.benchmark import memory_probe_main; memory_probe_main(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, str(request_path)], capture_output=True, text=True)
@@ -911,14 +941,37 @@ def _flat_labels(groups, gamma):
     return true_labels, pred_labels, true_labels != 0
 
 
-def _sklearn_seconds(true_labels, pred_labels, mask):
-    """Seconds scikit-learn takes for these images one by one, and its AMIs."""
+def _sklearn_ami(true_labels, pred_labels, mask):
+    """scikit-learn's AMI of each image, one call per image: (B,)."""
     from sklearn.metrics import adjusted_mutual_info_score
 
+    return np.asarray([adjusted_mutual_info_score(t[m], p[m], average_method="max")
+                       for t, p, m in zip(true_labels, pred_labels, mask)])
+
+
+def _timed(function, *args, **kwargs):
+    """(function's result, seconds it took)."""
     start = time.perf_counter()
-    scores = [adjusted_mutual_info_score(t[m], p[m], average_method="max")
-              for t, p, m in zip(true_labels, pred_labels, mask)]
-    return time.perf_counter() - start, np.asarray(scores)
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+def evaluation_batches(sizes, workdir, k):
+    """(groups (B, T−1, H, W, 1), synthetic γ (B, T−1, K, H, W, 1)) of a generated flying-shapes test set.
+
+    The groups are those of the frames a model predicts (frames 1 .. T − 1), EVAL_BATCH
+    sequences at a time.
+    """
+    path = Path(workdir) / f"eval_flying_shapes_3_{sizes.eval_sequences}x{sizes.eval_frames}.h5"
+    if not path.exists():
+        registry.generate("flying_shapes_3", out=path, train=1, valid=1, test=sizes.eval_sequences,
+                          frames=sizes.eval_frames, progress=False)
+    rng = np.random.default_rng(0)
+    with open_dataset(path) as dataset:
+        reader = dataset.split("test")
+        for start in range(0, reader.num_sequences, EVAL_BATCH):
+            groups = reader.groups(slice(start, start + EVAL_BATCH))[:, 1:]
+            yield groups, synthetic_gamma(groups, k, rng)
 
 
 def benchmark_evaluation(sizes, workdir, k=3, log=print):
@@ -928,41 +981,25 @@ def benchmark_evaluation(sizes, workdir, k=3, log=print):
     whole set is extrapolated from them.
 
     Returns:
-        dict of the measured figures (see the evaluation section).
+        dict of the measured figures (see ``evaluation_section``).
     """
-    log("evaluation: generating the test set")
-    path = Path(workdir) / f"eval_flying_shapes_3_{sizes.eval_sequences}.h5"
-    if not path.exists():
-        registry.generate("flying_shapes_3", out=path, train=1, valid=1, test=sizes.eval_sequences,
-                          frames=sizes.eval_frames, progress=False)
-    rng = np.random.default_rng(0)
-    timings = {"ami": 0.0, "grouping_scores": 0.0, "sklearn": 0.0}
-    sklearn_left, largest_difference, images = sizes.sklearn_images, 0.0, 0
-    with open_dataset(path) as dataset:
-        reader = dataset.split("test")
-        for start in range(0, reader.num_sequences, EVAL_BATCH):
-            groups = reader.groups(slice(start, start + EVAL_BATCH))[:, 1:]  # (B, T-1, H, W, 1) frames predicted
-            gamma = synthetic_gamma(groups, k, rng)  # (B, T-1, K, H, W, 1)
-            true_labels, pred_labels, mask = _flat_labels(groups, gamma)
-            images += len(true_labels)
-            begin = time.perf_counter()
-            ami = metrics.adjusted_mutual_info(true_labels, pred_labels, mask, average_method="max")
-            timings["ami"] += time.perf_counter() - begin
-            begin = time.perf_counter()
-            metrics.grouping_scores(groups, gamma, average_method="max")
-            timings["grouping_scores"] += time.perf_counter() - begin
-            if sklearn_left > 0:
-                n = min(sklearn_left, len(true_labels))
-                seconds, sklearn_ami = _sklearn_seconds(true_labels[:n], pred_labels[:n], mask[:n])
-                timings["sklearn"] += seconds
-                largest_difference = max(largest_difference, float(np.max(np.abs(sklearn_ami - ami[:n]))))
-                sklearn_left -= n
-    sklearn_images = sizes.sklearn_images - sklearn_left
-    sklearn_total = timings["sklearn"] * images / sklearn_images
-    return dict(sequences=sizes.eval_sequences, steps=sizes.eval_frames - 1, k=k, images=images,
-                ami_seconds=timings["ami"], grouping_seconds=timings["grouping_scores"],
-                sklearn_images=sklearn_images, sklearn_seconds=timings["sklearn"], sklearn_total=sklearn_total,
-                largest_difference=largest_difference)
+    log("evaluation: generating and scoring the test set")
+    totals = dict(images=0, ami_seconds=0.0, grouping_seconds=0.0, sklearn_images=0, sklearn_seconds=0.0,
+                  largest_difference=0.0)
+    for groups, gamma in evaluation_batches(sizes, workdir, k):
+        true_labels, pred_labels, mask = _flat_labels(groups, gamma)  # (B·(T−1), H·W) each
+        ami, seconds = _timed(metrics.adjusted_mutual_info, true_labels, pred_labels, mask, average_method="max")
+        totals["ami_seconds"] += seconds
+        totals["grouping_seconds"] += _timed(metrics.grouping_scores, groups, gamma, average_method="max")[1]
+        totals["images"] += len(true_labels)
+        n = min(sizes.sklearn_images - totals["sklearn_images"], len(true_labels))
+        if n > 0:
+            sklearn_ami, seconds = _timed(_sklearn_ami, true_labels[:n], pred_labels[:n], mask[:n])
+            totals["sklearn_images"] += n
+            totals["sklearn_seconds"] += seconds
+            totals["largest_difference"] = max(totals["largest_difference"], float(np.abs(sklearn_ami - ami[:n]).max()))
+    totals["sklearn_total"] = totals["sklearn_seconds"] * totals["images"] / totals["sklearn_images"]
+    return dict(sequences=sizes.eval_sequences, steps=sizes.eval_frames - 1, k=k, **totals)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1085,8 +1122,8 @@ def describe_environment(env, load_before, load_after):
     versions = ", ".join(f"{name} {version}" for name, version in env["versions"].items())
     return (f"Measured {env['date']} on {env['cpu']} ({env['cores']} cores, {env['system']}), device "
             f"{env['device']}, Keras backend `{env['backend']}`; Python {env['python']}, {versions}. "
-            f"Load average (1 min) {load_before:.2f} before and {load_after:.2f} after: "
-            f"above 0 means other work shared the machine.")
+            f"Load average (1 min) {load_before:.2f} before the measurements (near 0 on an idle machine) and "
+            f"{load_after:.2f} after.")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1141,7 +1178,8 @@ def training_section(results, env, context, peak_tflops=None):
     rows = []
     for r in results:
         achieved = None if r.model_rate is None else r.flops * r.model_rate / r.batch_size / 1e9
-        row = [f"`{r.config}`", r.variant, r.batch_size, r.steps, {None: "—", True: "yes", False: "no"}[r.jit_compile],
+        xla = {None: "—", True: "yes", False: "no"}[r.jit_compile]
+        row = [f"`{r.config}`", r.variant, r.batch_size, r.steps, xla,
                _number(r.model_rate), _number(r.reference_rate), _number(r.ratio, 2),
                "—" if r.loss_difference is None else f"{r.loss_difference:.1e}", _number(achieved)]
         if peak_tflops:
@@ -1160,7 +1198,8 @@ def training_section(results, env, context, peak_tflops=None):
         "losses on one batch of 8 sequences with the model's weights copied into the reference, before "
         "training. Variants: `default` (what `train` runs: `jit_compile=\"auto\"`, which Keras resolves to no "
         "XLA on a CPU-only machine), `xla` (`jit_compile=True`), `unrolled` (`unroll=True`), "
-        "`mixed_precision` (Keras policy `mixed_float16`; the reference stays float32).",
+        "`mixed_precision` (Keras policy `mixed_float16`; the reference stays float32), `xla_unrolled` (both "
+        "XLA and `unroll=True`). Failures are results too: the notes give the error.",
         markdown_table(headers, rows, right_aligned=_columns(headers, NUMERIC_TRAINING_COLUMNS)),
         f"GFLOP/s counts the dense, recurrent and convolution layers only, forward and backward; per batch of "
         f"64: {flop_text}." + ("" if peak_tflops else " The fraction of the device's peak is given where "
@@ -1232,7 +1271,8 @@ def generation_section(rows, env, context):
     return "\n\n".join([
         "Wall time of generating each data set with `python -m neural_em.data generate` (seed 0), one data set "
         "after another, each in its own process; peak memory is that process's peak resident set size "
-        "(`VmHWM`, reported by the process itself). Files are HDF5 written by `store.DatasetWriter` (uint8, gzip level 1; the time includes "
+        "(`VmHWM`, reported by the process itself). Files are HDF5 written by `store.DatasetWriter` (uint8, "
+        "gzip level 1; the time includes "
         "compression and the content hash). MB = 10^6 bytes.",
         markdown_table(headers, table_rows, right_aligned=(1, 2, 3, 4, 5, 6)),
         describe_environment(env, *context["load"]),
@@ -1240,18 +1280,22 @@ def generation_section(rows, env, context):
     ])
 
 
-def not_measured(command):
+def not_measured(command, reason=""):
     """The body of a section that no run has measured yet."""
-    return f"Not measured yet. To measure it:\n\n```\n{command}\n```"
+    return f"Not measured yet{reason}. To measure it:\n\n```\n{command}\n```"
 
 
 def _gpu_placeholder_command(section):
     options = "--variants default unrolled mixed_precision --peak-tflops PEAK " if section == "training" else ""
-    return f"KERAS_BACKEND=jax .venv/bin/python -m neural_em.benchmark --sections {section} {options}--batch-size 64 256"
+    python = "KERAS_BACKEND=jax .venv/bin/python -m neural_em.benchmark"
+    return f"{python} --sections {section} {options}--batch-size 64 256"
 
 
 GPU_TRAINING_HEADING = "Training throughput: JAX on GPU"
 GPU_MEMORY_HEADING = "Peak memory of a training step: JAX on GPU"
+NO_GPU = (": no GPU was available where the benchmark has run so far; run it on a GPU machine with JAX "
+          "installed for CUDA (PEAK = the GPU's peak TFLOP/s for the arithmetic used, so the table gives the "
+          "fraction of peak reached)")
 PREAMBLE = (
     "# Benchmarks\n\nWritten by `python -m neural_em.benchmark` (see its `--help`). Each section says where, when "
     "and with what it was measured and gives the command that reproduces it; a run rewrites only the sections "
@@ -1261,15 +1305,15 @@ PREAMBLE = (
 
 
 def placeholder_sections():
-    """Sections every BENCHMARKS.md lists, with the command that would measure them."""
+    """{heading: (command that measures it, why it is missing)} of the sections every BENCHMARKS.md lists."""
     python = ".venv/bin/python -m neural_em.benchmark"
     return {
-        "Training throughput: TensorFlow on CPU": f"{python} --sections training",
-        GPU_TRAINING_HEADING: _gpu_placeholder_command("training"),
-        "Peak memory of a training step: TensorFlow on CPU": f"{python} --sections memory",
-        GPU_MEMORY_HEADING: _gpu_placeholder_command("memory"),
-        EVALUATION_HEADING: f"{python} --sections evaluation",
-        GENERATION_HEADING: f"{python} --sections generation --mnist-dir ../shared/data/mnist",
+        "Training throughput: TensorFlow on CPU": (f"{python} --sections training", ""),
+        GPU_TRAINING_HEADING: (_gpu_placeholder_command("training"), NO_GPU),
+        "Peak memory of a training step: TensorFlow on CPU": (f"{python} --sections memory", ""),
+        GPU_MEMORY_HEADING: (_gpu_placeholder_command("memory"), NO_GPU),
+        EVALUATION_HEADING: (f"{python} --sections evaluation", ""),
+        GENERATION_HEADING: (f"{python} --sections generation --mnist-dir ../shared/data/mnist", ""),
     }
 
 
@@ -1306,7 +1350,7 @@ def merge_sections(existing, measured):
         elif heading in existing:
             merged.append((heading, existing[heading]))
         else:
-            merged.append((heading, not_measured(placeholders[heading])))
+            merged.append((heading, not_measured(*placeholders[heading])))
     return merged
 
 
@@ -1352,8 +1396,8 @@ def build_parser():
                         help="what to measure (default: training memory evaluation; generation takes ~10 min)")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                         help="training configurations")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        help="training-step variants")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
+                        help=f"training-step variants (default: {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--batch-size", nargs="+", type=_positive_int, help="batch sizes (default: 64)")
     parser.add_argument("--steps", type=_positive_int, help="timed training steps (default: 5)")
     parser.add_argument("--warmup", type=_positive_int, help="untimed first steps, with compilation (default: 2)")
