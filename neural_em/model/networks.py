@@ -128,6 +128,35 @@ class InputNorm(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="neural_em")
+class NearestUpsample(keras.layers.Layer):
+    """Nearest-neighbour resize by integer factors, as a broadcast multiply.
+
+    Unlike ``UpSampling2D`` (a repeat), its gradient compiles under XLA inside the
+    EM loop, whose batch size is not static.
+
+    Args:
+        factors: (f_h, f_w).
+    """
+
+    def __init__(self, factors, **kwargs):
+        super().__init__(**kwargs)
+        self.factors = tuple(int(f) for f in factors)
+
+    def call(self, x):
+        _, height, width, channels = x.shape
+        f_h, f_w = self.factors
+        spread = ops.reshape(x, (-1, height, 1, width, 1, channels)) * ops.ones((1, 1, f_h, 1, f_w, 1), x.dtype)
+        return ops.reshape(spread, (-1, height * f_h, width * f_w, channels))  # (N, H·f_h, W·f_w, C)
+
+    def compute_output_shape(self, input_shape):
+        n, height, width, channels = input_shape
+        return (n, height * self.factors[0], width * self.factors[1], channels)
+
+    def get_config(self):
+        return {**super().get_config(), "factors": self.factors}
+
+
+@keras.saving.register_keras_serializable(package="neural_em")
 class RecurrentLayer(keras.layers.Layer):
     """h' = act(LN(W·x + R·h + b)): the RNN layer of the published networks.
 
@@ -187,7 +216,7 @@ def _feed_forward_layer(spec, num_pixel_values, index):
         stride = tuple(spec.get("stride", (1, 1)))
         kernel = tuple(spec.get("kernel", (4, 4)))
         if kind == "r_conv":
-            layers.append(keras.layers.UpSampling2D(stride, interpolation="nearest", name=f"{prefix}_up"))
+            layers.append(NearestUpsample(stride, name=f"{prefix}_up"))
             stride = (1, 1)
         layers.append(keras.layers.Conv2D(size, kernel, strides=stride, padding="same", name=prefix))
         norm_axes = (-3, -2, -1)
