@@ -46,7 +46,6 @@ from neural_em import experiment, metrics, observers, plots, training
 from neural_em.data import registry
 from neural_em.data.pipeline import dataset_info
 from neural_em.data.store import open_dataset
-from neural_em.model.losses import intra_cluster_loss
 
 TRAIN_EXPERIMENT = "neural_em_train"
 WEIGHTS_ARTIFACT = "best.weights.h5"
@@ -285,57 +284,15 @@ def evaluate_model(model, path, split="test", *, batch_size=100, max_sequences=N
     per_batch, example = [], None
     for batch in tqdm(batches, total=len(batches), desc=f"evaluating {split}", unit="batch", disable=not progress):
         batch = {name: np.asarray(value) for name, value in batch.items()}
-        batch_scores, outputs = score_batch(model, batch, average_method)
+        batch_scores, outputs = training.score_batch(model, batch, average_method)
         per_batch.append(batch_scores)
         if example is None:
             frames = batch["features"].shape[1]
             example = dict(outputs, inputs=np.asarray(model.em_inputs(batch["noisy"])), frames=frames)
     scores = {name: np.concatenate([batch_scores[name] for batch_scores in per_batch]) for name in per_batch[0]}
-    return Evaluation(_with_sequence_scores(scores, model.step_weights(example["frames"])), example)
+    return Evaluation(training.with_sequence_scores(scores, model.step_weights(example["frames"])), example)
 
 
-def score_batch(model, batch, average_method="max"):
-    """Per-step scores of one batch with 'features', 'noisy' and 'groups'.
-
-    Static images are scored at every EM step against the same groups; sequences at
-    step t against the groups of frame t + 1, the frame step t predicts.
-
-    Returns:
-        (scores, outputs): scores holds (B, S) arrays 'ami', 'ari', 'confidence', 'upper_bound_bce';
-        outputs the arrays 'gamma', 'psi', 'targets' and 'groups' (see ``Evaluation.example``).
-    """
-    outputs = model.predict_on_batch(batch)
-    gamma, psi = np.asarray(outputs["gamma"]), np.asarray(outputs["psi"])  # (B, S, K, H, W, 1), (B, S, K, H, W, C)
-    groups = np.asarray(model.em_targets(batch["groups"]))  # (B, S, H, W, 1)
-    targets = np.asarray(model.em_targets(batch["features"]))  # (B, S, H, W, C)
-    grouping = metrics.grouping_scores(groups, gamma, average_method=average_method)
-    scores = {name: grouping[name] for name in ("ami", "ari", "confidence")}
-    scores["upper_bound_bce"] = upper_bound_per_sequence(psi, targets, model.distribution)
-    return scores, dict(gamma=gamma, psi=psi, targets=targets, groups=groups)
-
-
-def upper_bound_per_sequence(psi, targets, distribution):
-    """``losses.upper_bound_loss`` for each sequence and step: −log P(x | max_k ψ) summed over pixels.
-
-    Args:
-        psi: (B, S, K, H, W, C) predictions; targets: (B, S, H, W, C) the frames they are scored against.
-    Returns:
-        float64 (B, S); its mean over B is ``upper_bound_loss`` of that step.
-    """
-    best = psi.max(axis=2, keepdims=True)  # (B, S, 1, H, W, C)
-    loss = np.asarray(intra_cluster_loss(best, targets[:, :, None], distribution))  # (B, S, 1, H, W, C)
-    return loss.sum(axis=(2, 3, 4, 5), dtype=np.float64)
-
-
-def _with_sequence_scores(scores, step_weights):
-    """Adds each sequence's weighted and last-step scores, and the step weights."""
-    for name in ("ami", "ari"):
-        combined = metrics.sequence_scores(scores[name], step_weights)
-        scores[f"{name}_weighted"], scores[f"{name}_last"] = combined["weighted"], combined["last"]
-    for name in ("confidence", "upper_bound_bce"):
-        scores[f"{name}_weighted"] = metrics.sequence_scores(scores[name], step_weights)["weighted"]
-    scores["step_weights"] = np.asarray(step_weights)
-    return scores
 
 
 # ----------------------------------------------------------------------------- reporting

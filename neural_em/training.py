@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from neural_em import metrics
+from neural_em.model.losses import intra_cluster_loss
 from neural_em.data.pipeline import H5Batches, make_tf_dataset
 
 LAST_MODEL = "last.keras"
@@ -42,31 +43,63 @@ def make_batches(path, split, batch_size, **options):
 def score_model(model, batches, *, average_method="max", max_batches=None):
     """Grouping scores of a model on batches that carry ground-truth 'groups'.
 
-    Static images are scored at every EM step against the same groups; sequences
-    at step t against the groups of frame t + 1, as the loss is.
-
     Returns:
-        dict of per-sequence arrays: 'ami', 'ari', 'confidence' (N, S) per step, and
-        'ami_weighted', 'ami_last', 'ari_weighted', 'ari_last' (N,), where weighted
-        uses the loss step weights.
+        dict of per-sequence arrays: per step (N, S) 'ami', 'ari', 'confidence',
+        'upper_bound_bce', and (N,) their weighted (loss step weights) and last-step scores.
     """
-    per_step = {"ami": [], "ari": [], "confidence": []}
-    weights = None
+    per_batch, weights = [], None
     for index, batch in enumerate(batches):
         if max_batches is not None and index >= max_batches:
             break
         batch = {name: np.asarray(value) for name, value in batch.items()}
-        gamma = np.asarray(model.predict_on_batch(batch)["gamma"])  # (B, S, K, H, W, 1)
-        groups = np.asarray(model.em_targets(batch["groups"]))  # (B, S, H, W, 1)
-        scores = metrics.grouping_scores(groups, gamma, average_method=average_method)
-        for name in per_step:
-            per_step[name].append(scores[name])
+        per_batch.append(score_batch(model, batch, average_method)[0])
         weights = model.step_weights(batch["features"].shape[1])
-    result = {name: np.concatenate(values) for name, values in per_step.items()}
+    scores = {name: np.concatenate([scores[name] for scores in per_batch]) for name in per_batch[0]}
+    return with_sequence_scores(scores, weights)
+
+
+def score_batch(model, batch, average_method="max"):
+    """Per-step scores of one batch with 'features', 'noisy' and 'groups'.
+
+    Static images are scored at every EM step against the same groups; sequences at
+    step t against the groups of frame t + 1, the frame step t predicts.
+
+    Returns:
+        (scores, outputs): scores holds (B, S) arrays 'ami', 'ari', 'confidence', 'upper_bound_bce';
+        outputs the arrays 'gamma', 'psi', 'targets' and 'groups' (see ``Evaluation.example``).
+    """
+    outputs = model.predict_on_batch(batch)
+    gamma, psi = np.asarray(outputs["gamma"]), np.asarray(outputs["psi"])  # (B, S, K, H, W, 1), (B, S, K, H, W, C)
+    groups = np.asarray(model.em_targets(batch["groups"]))  # (B, S, H, W, 1)
+    targets = np.asarray(model.em_targets(batch["features"]))  # (B, S, H, W, C)
+    grouping = metrics.grouping_scores(groups, gamma, average_method=average_method)
+    scores = {name: grouping[name] for name in ("ami", "ari", "confidence")}
+    scores["upper_bound_bce"] = upper_bound_per_sequence(psi, targets, model.distribution)
+    return scores, dict(gamma=gamma, psi=psi, targets=targets, groups=groups)
+
+
+def upper_bound_per_sequence(psi, targets, distribution):
+    """``losses.upper_bound_loss`` for each sequence and step: −log P(x | max_k ψ) summed over pixels.
+
+    Args:
+        psi: (B, S, K, H, W, C) predictions; targets: (B, S, H, W, C) the frames they are scored against.
+    Returns:
+        float64 (B, S); its mean over B is ``upper_bound_loss`` of that step.
+    """
+    best = psi.max(axis=2, keepdims=True)  # (B, S, 1, H, W, C)
+    loss = np.asarray(intra_cluster_loss(best, targets[:, :, None], distribution))  # (B, S, 1, H, W, C)
+    return loss.sum(axis=(2, 3, 4, 5), dtype=np.float64)
+
+
+def with_sequence_scores(scores, step_weights):
+    """Adds each sequence's weighted and last-step scores, and the step weights."""
     for name in ("ami", "ari"):
-        combined = metrics.sequence_scores(result[name], weights)
-        result[f"{name}_weighted"], result[f"{name}_last"] = combined["weighted"], combined["last"]
-    return result
+        combined = metrics.sequence_scores(scores[name], step_weights)
+        scores[f"{name}_weighted"], scores[f"{name}_last"] = combined["weighted"], combined["last"]
+    for name in ("confidence", "upper_bound_bce"):
+        scores[f"{name}_weighted"] = metrics.sequence_scores(scores[name], step_weights)["weighted"]
+    scores["step_weights"] = np.asarray(step_weights)
+    return scores
 
 
 def _atomic_write_text(path, text):
