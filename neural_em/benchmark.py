@@ -80,6 +80,8 @@ class BenchmarkConfig:
         noise_prob: bit-flip probability.
         gradient_gamma: whether gradients flow through γ.
         loss_step_weights: "last" or "all".
+        timed_steps: timed training steps when ``--steps`` is not given (more for the fast
+            configuration, so each row times at least a few seconds).
     """
 
     dataset: str
@@ -90,6 +92,7 @@ class BenchmarkConfig:
     noise_prob: float
     gradient_gamma: bool
     loss_step_weights: str
+    timed_steps: int = 5
 
     @property
     def em_steps(self):
@@ -99,9 +102,9 @@ class BenchmarkConfig:
 # sacred_configs/static_shapes_rnn_em.yaml and flying_shapes_3obj_k3.yaml.
 CONFIGS = {
     "shapes": BenchmarkConfig("shapes", "shapes", k=4, nr_steps=15, frames=1, noise_prob=0.1,
-                              gradient_gamma=True, loss_step_weights="last"),
+                              gradient_gamma=True, loss_step_weights="last", timed_steps=30),
     "flying_shapes": BenchmarkConfig("flying_shapes_3", "flying_shapes", k=3, nr_steps=20, frames=21,
-                                     noise_prob=0.2, gradient_gamma=False, loss_step_weights="all"),
+                                     noise_prob=0.2, gradient_gamma=False, loss_step_weights="all", timed_steps=5),
 }
 
 
@@ -134,16 +137,17 @@ class Sizes(NamedTuple):
     """How much work each section does."""
 
     batch_sizes: tuple
-    steps: int
+    steps: int  # None: each configuration's timed_steps
     warmup: int
     eval_sequences: int
     eval_frames: int
     sklearn_images: int
     generation_counts: dict  # {} = the data sets' default split sizes
+    max_seconds: float = None  # stop timing a training row after this many seconds (None: no limit)
 
 
-FULL_SIZES = Sizes(batch_sizes=(64,), steps=5, warmup=2, eval_sequences=10_000, eval_frames=21,
-                   sklearn_images=2000, generation_counts={})
+FULL_SIZES = Sizes(batch_sizes=(64,), steps=None, warmup=2, eval_sequences=10_000, eval_frames=21,
+                   sklearn_images=2000, generation_counts={}, max_seconds=60.0)
 QUICK_SIZES = Sizes(batch_sizes=(4,), steps=2, warmup=1, eval_sequences=6, eval_frames=3, sklearn_images=6,
                     generation_counts=dict(train=20, valid=4, test=4))
 
@@ -160,6 +164,20 @@ def get_config(name, quick=False):
     if quick:
         config = dataclasses.replace(config, nr_steps=2, frames=min(config.frames, 3))
     return config
+
+
+def timed_steps(sizes, config_name):
+    """Timed training steps of one configuration: ``--steps`` if given, else its own default."""
+    return sizes.steps or CONFIGS[config_name].timed_steps
+
+
+def parse_skip(text):
+    """'CONFIG:VARIANT' -> (config, variant), for ``--skip``."""
+    config, _, variant = text.partition(":")
+    if config not in CONFIGS or variant not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"expected CONFIG:VARIANT with CONFIG in {sorted(CONFIGS)} and VARIANT in "
+                                         f"{sorted(VARIANTS)}, got {text!r}")
+    return config, variant
 
 
 def get_variant(name):
@@ -194,7 +212,7 @@ def make_benchmark_data(config, folder, train_sequences):
 def training_batches(config, data_path, batch_size, num_batches):
     """The training pipeline ``train`` is fed with: exactly ``num_batches`` full batches."""
     return training.make_batches(data_path, "training", batch_size, shuffle=True, seed=0, noise_type="bitflip",
-                                 noise_prob=config.noise_prob, drop_remainder=True,
+                                 noise_prob=config.noise_prob, static_steps=config.nr_steps, drop_remainder=True,
                                  max_sequences=batch_size * num_batches)
 
 
@@ -222,16 +240,26 @@ def dtype_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
-class StepTimer(keras.callbacks.Callback):
-    """Records when each training step has finished."""
+def out_of_time(finish_times, warmup, max_seconds):
+    """Whether the timed steps so far (after ``warmup``) have used up ``max_seconds`` (None: never)."""
+    return max_seconds is not None and len(finish_times) > warmup and \
+        finish_times[-1] - finish_times[warmup - 1] >= max_seconds
 
-    def __init__(self):
+
+class StepTimer(keras.callbacks.Callback):
+    """Records when each training step has finished; stops training once the timed steps
+    (after ``warmup``) have taken ``max_seconds``."""
+
+    def __init__(self, warmup=1, max_seconds=None):
         super().__init__()
+        self.warmup, self.max_seconds = warmup, max_seconds
         self.finished = []
 
     def on_train_batch_end(self, batch, logs=None):
         float((logs or {}).get("loss", 0.0))  # waits for the step's result
         self.finished.append(time.perf_counter())
+        if out_of_time(self.finished, self.warmup, self.max_seconds):
+            self.model.stop_training = True
 
 
 def seconds_after_warmup(finish_times, warmup):
@@ -247,7 +275,7 @@ def seconds_after_warmup(finish_times, warmup):
     return finish_times[-1] - finish_times[warmup - 1], timed
 
 
-def time_model_training(model, config, variant, data_path, batch_size, warmup, steps, folder):
+def time_model_training(model, config, variant, data_path, batch_size, warmup, steps, folder, max_seconds=None):
     """Runs ``training.train`` for one epoch of warmup + steps batches and times the last ``steps``.
 
     Args:
@@ -255,15 +283,16 @@ def time_model_training(model, config, variant, data_path, batch_size, warmup, s
         config, variant: the BenchmarkConfig and Variant.
         data_path: the HDF5 file, with at least (warmup + steps) · batch_size training sequences.
         folder: a new checkpoint folder.
+        max_seconds: stop after the timed steps have taken this long (slow variants).
     Returns:
-        Sequences per second over the timed steps.
+        (sequences per second over the timed steps, number of steps timed).
     """
     batches = training_batches(config, data_path, batch_size, warmup + steps)
-    timer = StepTimer()
+    timer = StepTimer(warmup, max_seconds)
     training.train(model, folder, batches, None, max_epochs=1, patience=1, jit_compile=variant.jit_compile,
                    verbose=0, callbacks=[timer])
     seconds, timed = seconds_after_warmup(timer.finished, warmup)
-    return batch_size * timed / seconds
+    return batch_size * timed / seconds, timed
 
 
 # ----------------------------------------------------------------------------------------
@@ -553,7 +582,8 @@ def reference_loss_terms(params, settings, features, noisy, initial_gamma, unrol
     Args:
         params: reference_parameters.
         settings: EMSettings.
-        features, noisy: (B, T, H, W, C) clean and noisy batches.
+        features, noisy: (B, T, H, W, C) clean and noisy batches; for static images noisy may
+            hold one copy per EM step, (B, S, H, W, C).
         initial_gamma: (B, K, H, W, 1) the starting γ.
         unroll: a Python loop over the EM steps instead of a tf.while_loop.
     Returns:
@@ -564,9 +594,13 @@ def reference_loss_terms(params, settings, features, noisy, initial_gamma, unrol
     inputs, targets = (noisy, features) if settings.static else (noisy[:, :-1], features[:, 1:])  # (B, S, H, W, C)
     step_weights = tf.constant(settings.step_weights, features.dtype)
 
+    input_frames = inputs.shape[1]
+
     def step(t, theta, psi, gamma, totals):
         frame = 0 if settings.static else t
-        theta, psi, gamma = _reference_em_step(params, settings, inputs[:, frame], targets[:, frame], theta, psi, gamma)
+        noisy_frame = 0 if input_frames == 1 else t
+        theta, psi, gamma = _reference_em_step(params, settings, inputs[:, noisy_frame], targets[:, frame], theta, psi,
+                                               gamma)
         totals = totals + step_weights[t] * _reference_step_losses(psi, gamma, targets[:, frame][:, None], settings)
         return t + 1, theta, psi, gamma, totals
 
@@ -638,8 +672,12 @@ def make_reference_train_step(params, settings, *, jit_compile, unroll, learning
     return train_step
 
 
-def time_reference_training(model, config, data_path, batch_size, warmup, steps, *, jit_compile, unroll):
-    """Trains the reference (starting from the model's weights) on the same pipeline; sequences per second."""
+def time_reference_training(model, config, data_path, batch_size, warmup, steps, *, jit_compile, unroll,
+                            max_seconds=None):
+    """Trains the reference (starting from the model's weights) on the same pipeline; sequences per second.
+
+    Stops after the timed steps have taken ``max_seconds``, as the model's timing does.
+    """
     settings = em_settings(model, config.frames)
     train_step = make_reference_train_step(reference_parameters(model, settings.plan), settings,
                                            jit_compile=jit_compile, unroll=unroll)
@@ -647,6 +685,8 @@ def time_reference_training(model, config, data_path, batch_size, warmup, steps,
     for batch in training_batches(config, data_path, batch_size, warmup + steps):
         float(train_step(batch["features"], batch["noisy"])["loss"])  # waits for the step's result
         finished.append(time.perf_counter())
+        if out_of_time(finished, warmup, max_seconds):
+            break
     seconds, timed = seconds_after_warmup(finished, warmup)
     return batch_size * timed / seconds
 
@@ -756,7 +796,8 @@ def benchmark_training_variant(config_name, variant_name, data_path, batch_size,
         TrainingResult, with errors recorded in its notes.
     """
     config, variant = get_config(config_name, quick), get_variant(variant_name)
-    result = TrainingResult(config_name, variant_name, batch_size, sizes.steps,
+    steps = timed_steps(sizes, config_name)
+    result = TrainingResult(config_name, variant_name, batch_size, steps,
                             flops=training_flops(config, batch_size))
     keras.backend.clear_session()
     on_tensorflow = keras.backend.backend() == "tensorflow"
@@ -769,8 +810,10 @@ def benchmark_training_variant(config_name, variant_name, data_path, batch_size,
                 check_batch = next(iter(training_batches(config, data_path, CHECK_SEQUENCES, 1)))
                 result.loss_difference = compare_losses(model, check_batch)["relative_difference"]
             folder = fresh_folder(workdir, f"checkpoints_{config_name}_{variant_name}_{batch_size}_")
-            result.model_rate = time_model_training(model, config, variant, data_path, batch_size, sizes.warmup,
-                                                    sizes.steps, folder)
+            result.model_rate, result.steps = time_model_training(model, config, variant, data_path, batch_size,
+                                                                  sizes.warmup, steps, folder, sizes.max_seconds)
+            if result.steps < steps:
+                result.notes.append(f"timing stopped after {sizes.max_seconds:g} s")
         except Exception as error:  # a variant that fails is a result too
             result.notes.append(f"model: {_error_text(error)}")
     if on_tensorflow:
@@ -789,22 +832,32 @@ def _cached_reference_rate(cache, result, model, config, variant, data_path, siz
     if key not in cache:
         try:
             cache[key] = time_reference_training(model, config, data_path, result.batch_size, sizes.warmup,
-                                                 sizes.steps, jit_compile=result.jit_compile, unroll=variant.unroll)
+                                                 result.steps, jit_compile=result.jit_compile, unroll=variant.unroll,
+                                                 max_seconds=sizes.max_seconds)
         except Exception as error:
             cache[key] = None
             result.notes.append(f"reference: {_error_text(error)}")
     return cache[key]
 
 
-def benchmark_training(config_names, variant_names, sizes, workdir, quick=False, log=print):
-    """TrainingResults for every configuration, batch size and variant."""
+def benchmark_training(config_names, variant_names, sizes, workdir, quick=False, log=print, skip=()):
+    """TrainingResults for every configuration, batch size and variant.
+
+    Args:
+        skip: (config, variant) pairs not to run; their rows say so.
+    """
     results, reference_cache = [], {}
     for config_name in config_names:
         config = get_config(config_name, quick)
-        train_sequences = max(sizes.batch_sizes) * (sizes.warmup + sizes.steps)
+        train_sequences = max(sizes.batch_sizes) * (sizes.warmup + timed_steps(sizes, config_name))
         data_path = make_benchmark_data(config, workdir, max(train_sequences, CHECK_SEQUENCES))
         for batch_size in sizes.batch_sizes:
             for variant_name in variant_names:
+                if (config_name, variant_name) in skip:
+                    results.append(TrainingResult(config_name, variant_name, batch_size, 0,
+                                                  flops=training_flops(config, batch_size),
+                                                  notes=["not run (`--skip`)"]))
+                    continue
                 log(f"training: {config_name}, batch {batch_size}, {variant_name}")
                 results.append(benchmark_training_variant(config_name, variant_name, data_path, batch_size, sizes,
                                                           workdir, reference_cache, quick))
@@ -1179,7 +1232,7 @@ def training_section(results, env, context, peak_tflops=None):
     for r in results:
         achieved = None if r.model_rate is None else r.flops * r.model_rate / r.batch_size / 1e9
         xla = {None: "—", True: "yes", False: "no"}[r.jit_compile]
-        row = [f"`{r.config}`", r.variant, r.batch_size, r.steps, xla,
+        row = [f"`{r.config}`", r.variant, r.batch_size, r.steps or "—", xla,
                _number(r.model_rate), _number(r.reference_rate), _number(r.ratio, 2),
                "—" if r.loss_difference is None else f"{r.loss_difference:.1e}", _number(achieved)]
         if peak_tflops:
@@ -1199,7 +1252,8 @@ def training_section(results, env, context, peak_tflops=None):
         "training. Variants: `default` (what `train` runs: `jit_compile=\"auto\"`, which Keras resolves to no "
         "XLA on a CPU-only machine), `xla` (`jit_compile=True`), `unrolled` (`unroll=True`), "
         "`mixed_precision` (Keras policy `mixed_float16`; the reference stays float32), `xla_unrolled` (both "
-        "XLA and `unroll=True`). Failures are results too: the notes give the error.",
+        "XLA and `unroll=True`). Failures are results too: the notes give the error. A row stops timing once its "
+        "timed steps have taken `--max-seconds` (60 s by default), so slow variants time fewer steps.",
         markdown_table(headers, rows, right_aligned=_columns(headers, NUMERIC_TRAINING_COLUMNS)),
         f"GFLOP/s counts the dense, recurrent and convolution layers only, forward and backward; per batch of "
         f"64: {flop_text}." + ("" if peak_tflops else " The fraction of the device's peak is given where "
@@ -1399,7 +1453,15 @@ def build_parser():
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
                         help=f"training-step variants (default: {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--batch-size", nargs="+", type=_positive_int, help="batch sizes (default: 64)")
-    parser.add_argument("--steps", type=_positive_int, help="timed training steps (default: 5)")
+    parser.add_argument("--steps", type=_positive_int,
+                        help="timed training steps (default: " +
+                             ", ".join(f"{name} {config.timed_steps}" for name, config in CONFIGS.items()) + ")")
+    parser.add_argument("--max-seconds", type=_positive_float,
+                        help="stop timing a training row once its timed steps took this long (default: 60; "
+                             "the row then times fewer steps and says so)")
+    parser.add_argument("--skip", nargs="+", type=parse_skip, default=[], metavar="CONFIG:VARIANT",
+                        help="training rows not to run, e.g. flying_shapes:mixed_precision (float16 is "
+                             "emulated on CPUs and takes minutes per step)")
     parser.add_argument("--warmup", type=_positive_int, help="untimed first steps, with compilation (default: 2)")
     parser.add_argument("--eval-sequences", type=_positive_int, help="test sequences scored (default: 10000)")
     parser.add_argument("--sklearn-images", type=_positive_int, help="images scikit-learn scores (default: 2000)")
@@ -1418,7 +1480,8 @@ def resolve_sizes(args):
     """The Sizes of a run: the defaults (full or quick) with the options given."""
     base = QUICK_SIZES if args.quick else FULL_SIZES
     given = dict(batch_sizes=tuple(args.batch_size) if args.batch_size else None, steps=args.steps,
-                 warmup=args.warmup, eval_sequences=args.eval_sequences, sklearn_images=args.sklearn_images)
+                 warmup=args.warmup, eval_sequences=args.eval_sequences, sklearn_images=args.sklearn_images,
+                 max_seconds=args.max_seconds)
     return base._replace(**{name: value for name, value in given.items() if value is not None})
 
 
@@ -1430,7 +1493,9 @@ def section_command(args, section, sizes):
         parts += ["--configs", *args.configs, "--batch-size", *map(str, sizes.batch_sizes), "--warmup",
                   str(sizes.warmup)]
     if section == "training":
-        parts += ["--variants", *args.variants, "--steps", str(sizes.steps)]
+        parts += ["--variants", *args.variants] + (["--steps", str(sizes.steps)] if sizes.steps else [])
+        parts += ["--skip", *(f"{c}:{v}" for c, v in args.skip)] if args.skip else []
+        parts += ["--max-seconds", f"{args.max_seconds:g}"] if args.max_seconds else []
         parts += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
     if section == "evaluation":
         parts += ["--eval-sequences", str(sizes.eval_sequences), "--sklearn-images", str(sizes.sklearn_images)]
@@ -1444,7 +1509,7 @@ def section_command(args, section, sizes):
 def run_section(section, args, sizes, workdir):
     """The measurements of one section (what its ``*_section`` function renders)."""
     if section == "training":
-        return benchmark_training(args.configs, args.variants, sizes, workdir, args.quick)
+        return benchmark_training(args.configs, args.variants, sizes, workdir, args.quick, skip=set(args.skip))
     if section == "memory":
         return benchmark_memory(args.configs, sizes, workdir, args.quick)
     if section == "evaluation":

@@ -280,7 +280,7 @@ def evaluate_model(model, path, split="test", *, batch_size=100, max_sequences=N
     """
     batches = training.make_batches(path, split, batch_size, shuffle=False, seed=seed, with_groups=True,
                                     max_sequences=max_sequences, noise_type=noise_type, noise_prob=noise_prob,
-                                    reshuffle_each_iteration=False)
+                                    static_steps=model.nr_steps, reshuffle_each_iteration=False)
     per_batch, example = [], None
     for batch in tqdm(batches, total=len(batches), desc=f"evaluating {split}", unit="batch", disable=not progress):
         batch = {name: np.asarray(value) for name, value in batch.items()}
@@ -288,7 +288,7 @@ def evaluate_model(model, path, split="test", *, batch_size=100, max_sequences=N
         per_batch.append(batch_scores)
         if example is None:
             frames = batch["features"].shape[1]
-            example = dict(outputs, inputs=np.asarray(model.em_inputs(batch["noisy"])), frames=frames)
+            example = dict(outputs, inputs=np.asarray(model.em_inputs(batch)), frames=frames)
     scores = {name: np.concatenate([batch_scores[name] for batch_scores in per_batch]) for name in per_batch[0]}
     return Evaluation(training.with_sequence_scores(scores, model.step_weights(example["frames"])), example)
 

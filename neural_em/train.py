@@ -28,7 +28,8 @@ def train(_config, _run, seed):
         print(f"Starting from the weights in {config['init_weights']}.")
 
     run_cfg = config["training"]
-    noise = dict(noise_type=noise_type, noise_prob=config["noise"]["prob"])
+    # Static images get fresh noise at every EM step, as in the published code.
+    noise = dict(noise_type=noise_type, noise_prob=config["noise"]["prob"], static_steps=config["nr_steps"])
     train_batches = training.make_batches(path, "training", run_cfg["batch_size"], shuffle=True, seed=seed,
                                           max_sequences=run_cfg["train_sequences"], **noise)
     valid_batches = training.make_batches(path, "validation", run_cfg["batch_size"], shuffle=False, seed=seed + 1,
@@ -74,7 +75,7 @@ def _save_debug_plots(model, folder, state, path, noise, run):
     batch = {name: np.asarray(value) for name, value in batch.items()}
     outputs = model.predict_on_batch(batch)
     targets = np.asarray(model.em_targets(batch["features"]))  # (B, S, H, W, C)
-    inputs = np.asarray(model.em_inputs(batch["noisy"]))  # (B, S, H, W, C)
+    inputs = np.asarray(model.em_inputs(batch))  # (B, S, H, W, C)
     figure = plots.overview_figure(targets, inputs, np.asarray(outputs["psi"]), np.asarray(outputs["gamma"]),
                                    folder / "overview.png")
     run.add_artifact(str(figure))

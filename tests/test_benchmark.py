@@ -3,6 +3,7 @@
 Nothing here looks at how fast anything is: the figures belong in BENCHMARKS.md.
 """
 
+import argparse
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,7 +20,8 @@ def quick_report(tmp_path_factory):
     output = folder / "BENCHMARKS.md"
     output.write_text("# Benchmarks\n\n" + KEPT_SECTION)
     benchmark.main(["--quick", "--output", str(output), "--workdir", str(folder / "work"),
-                    "--sections", "training", "memory", "evaluation", "--variants", "default"])
+                    "--sections", "training", "memory", "evaluation", "--variants", "default", "unrolled",
+                    "--skip", "shapes:unrolled", "flying_shapes:unrolled"])
     return output.read_text()
 
 
@@ -92,9 +94,13 @@ def test_quick_run_writes_every_measured_table_with_its_command(quick_report):
 
 def test_quick_training_table_has_both_configurations_model_and_reference(quick_report):
     rows = _table_rows(_section(quick_report, "Training throughput: TensorFlow on CPU"))
-    assert {(row[0], row[1]) for row in rows} == {
-        ("`shapes`", "default"), ("`flying_shapes`", "default")}
-    for row in rows:
+    assert [(row[0], row[1]) for row in rows] == [
+        ("`shapes`", "default"), ("`shapes`", "unrolled"), ("`flying_shapes`", "default"),
+        ("`flying_shapes`", "unrolled")]
+    skipped = [row for row in rows if row[1] == "unrolled"]
+    assert all("not run (`--skip`)" in row[-1] and row[5] == "—" for row in skipped), skipped
+    assert "--skip shapes:unrolled flying_shapes:unrolled" in quick_report
+    for row in rows[::2]:
         model_rate, reference_rate, ratio, loss_difference = row[5], row[6], row[7], row[8]
         assert "—" not in (model_rate, reference_rate, ratio), row
         assert float(loss_difference) < 1e-4, row
@@ -147,3 +153,18 @@ def test_quick_run_refuses_to_overwrite_the_real_benchmarks(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--quick"])
     assert "--output" in capsys.readouterr().err
+
+
+def test_timing_stops_once_the_timed_steps_use_up_max_seconds():
+    assert not benchmark.out_of_time([0.0, 1.0, 2.0], warmup=1, max_seconds=3.0)
+    assert benchmark.out_of_time([0.0, 1.0, 4.0], warmup=1, max_seconds=3.0)
+    assert not benchmark.out_of_time([0.0, 100.0], warmup=2, max_seconds=3.0)  # still warming up
+    assert not benchmark.out_of_time([0.0, 1.0, 400.0], warmup=1, max_seconds=None)
+
+
+def test_skip_names_a_configuration_and_variant():
+    assert benchmark.parse_skip("flying_shapes:mixed_precision") == ("flying_shapes", "mixed_precision")
+    with pytest.raises(argparse.ArgumentTypeError, match="CONFIG:VARIANT"):
+        benchmark.parse_skip("flying_shapes")
+    with pytest.raises(argparse.ArgumentTypeError, match="CONFIG:VARIANT"):
+        benchmark.parse_skip("shapes:fp8")

@@ -65,6 +65,45 @@ def test_sequences_use_one_step_per_frame_transition():
     assert out["gamma"].shape[1] == 4  # T − 1 steps, nr_steps is for static images
 
 
+def _fixed_gamma(batch, k, seed=0):
+    gamma = np.abs(np.random.default_rng(seed).normal(size=(batch, k) + IMAGE[:2] + (1,))).astype("float32")
+    return gamma / gamma.sum(axis=1, keepdims=True)
+
+
+def test_static_images_take_one_noisy_copy_per_step():
+    model = NeuralEM("shapes", IMAGE, k=2, nr_steps=3, seed=1)
+    batch = _batch(batch=2)
+    batch["initial_gamma"] = _fixed_gamma(2, 2)
+    copies = np.stack([batch["noisy"][:, 0], 1.0 - batch["noisy"][:, 0], batch["noisy"][:, 0]], axis=1)
+    repeated = model(batch)
+    same_copies = model({**batch, "noisy": np.repeat(batch["noisy"], 3, axis=1)})
+    per_step = model({**batch, "noisy": copies})
+    # Three equal copies are the one-copy case; a different copy at step 2 changes step 2 on.
+    np.testing.assert_allclose(np.asarray(same_copies["psi"]), np.asarray(repeated["psi"]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(per_step["psi"])[:, 0], np.asarray(repeated["psi"])[:, 0], atol=1e-6)
+    assert not np.allclose(np.asarray(per_step["psi"])[:, 1], np.asarray(repeated["psi"])[:, 1])
+    np.testing.assert_array_equal(np.asarray(model.em_inputs({**batch, "noisy": copies})), copies)
+    with pytest.raises(ValueError, match="nr_steps=3"):
+        model({**batch, "noisy": copies[:, :2]})
+
+
+def test_mixed_precision_keeps_the_em_loop_in_float32():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = build(NeuralEM("shapes", IMAGE, k=2, nr_steps=2, seed=0))
+        model.compile(optimizer="adam")
+        batch = _batch(batch=4)
+        out = model(batch)
+        history = model.fit(batch, epochs=1, verbose=0).history
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert model.cell.inner.compute_dtype == "float16"
+    assert out["gamma"].dtype == out["psi"].dtype == "float32"
+    np.testing.assert_allclose(np.sum(np.asarray(out["gamma"]), axis=2), 1.0, atol=1e-5)
+    assert np.isfinite(history["loss"][0])
+
+
 def test_k_equal_one_gives_gamma_one():
     out = NeuralEM("shapes", IMAGE, k=1, nr_steps=3, seed=1)(_batch())
     np.testing.assert_allclose(np.asarray(out["gamma"]), 1.0, atol=1e-6)

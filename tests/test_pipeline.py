@@ -266,3 +266,42 @@ def test_tf_dataset_max_sequences(data_path):
     pytest.importorskip("tensorflow")
     batches = _epoch(make_tf_dataset(data_path, "training", 8, with_groups=True, max_sequences=12, shuffle=False))
     np.testing.assert_array_equal(np.concatenate([_sequence_ids(b) for b in batches]), np.arange(12))
+
+
+@pytest.fixture(scope="module")
+def static_path(tmp_path_factory):
+    """A file of single binary images (T = 1)."""
+    rng = np.random.default_rng(1)
+    features = rng.integers(0, 2, (1, 20, H, W, C), dtype=np.uint8)  # (1, N, H, W, C)
+    path = tmp_path_factory.mktemp("static") / "static.h5"
+    with DatasetWriter(path, generator="test", options={}, seed=0) as writer:
+        writer.create_split("training", num_sequences=20, frames=1, height=H, width=W, chunk_sequences=CHUNK)
+        writer.write("training", 0, features, np.ones_like(features))
+    return path
+
+
+@pytest.mark.parametrize("front_end", ["tf", "py"])
+def test_static_steps_corrupts_each_step_independently(static_path, front_end):
+    options = dict(shuffle=False, noise_prob=0.3, static_steps=5)
+    if front_end == "tf":
+        batch = _epoch(make_tf_dataset(static_path, "training", 20, **options))[0]
+    else:
+        batch = H5Batches(static_path, "training", 20, **options)[0]
+    features, noisy = np.asarray(batch["features"]), np.asarray(batch["noisy"])
+    assert features.shape == (20, 1, H, W, C) and noisy.shape == (20, 5, H, W, C)
+    flips = noisy != features  # (20, 5, H, W, C): each copy against the one clean image
+    np.testing.assert_array_equal(noisy[flips], 1 - np.broadcast_to(features, noisy.shape)[flips])
+    assert abs(flips.mean() - 0.3) < _binomial_tolerance(0.3, flips.size)
+    # Independent copies: the flips of two steps agree about as often as chance says.
+    agree = (flips[:, 0] == flips[:, 1]).mean()
+    assert abs(agree - (0.3**2 + 0.7**2)) < _binomial_tolerance(0.58, flips[:, 0].size)
+
+
+def test_static_steps_leaves_sequences_alone(data_path):
+    batch = H5Batches(data_path, "training", 16, static_steps=5)[0]
+    assert batch["noisy"].shape == batch["features"].shape == (16, T, H, W, C)
+
+
+def test_static_steps_must_be_a_positive_integer(static_path):
+    with pytest.raises(ValueError, match="static_steps"):
+        H5Batches(static_path, "training", 8, static_steps=0)

@@ -3,7 +3,8 @@
 Two front ends give the same batches (dicts, batch first):
 
     {"features": float32 (B, T, H, W, C) clean, in [0, 1],
-     "noisy":    float32 (B, T, H, W, C) after input noise,
+     "noisy":    float32 (B, T, H, W, C) after input noise; for single images (T = 1)
+                 with `static_steps=S`, (B, S, H, W, C): a fresh corruption per EM step,
      "groups":   int32   (B, T, H, W, C) only with `with_groups=True`}
 
 - `make_tf_dataset`: a `tf.data.Dataset` (TensorFlow is imported inside the function, so
@@ -60,6 +61,14 @@ def check_noise(noise_type, prob) -> str:
     if isinstance(prob, bool) or not isinstance(prob, (int, float, np.number)) or not 0.0 <= prob <= 1.0:
         raise ValueError(f"noise probability must be a number in [0, 1], got {prob!r}")
     return noise_type
+
+
+def check_static_steps(static_steps):
+    """Validates ``static_steps`` (None or an integer >= 1) and returns it."""
+    if static_steps is not None and (isinstance(static_steps, bool) or not isinstance(static_steps, (int, np.integer))
+                                     or static_steps < 1):
+        raise ValueError(f"static_steps must be None or an integer >= 1, got {static_steps!r}")
+    return static_steps
 
 
 def add_noise(features: np.ndarray, noise_type, prob: float, rng: np.random.Generator) -> np.ndarray:
@@ -270,6 +279,7 @@ def make_tf_dataset(
     max_sequences: int | None = None,
     shuffle_blocks: int = 16,
     reshuffle_each_iteration: bool = True,
+    static_steps: int | None = None,
 ):
     """A `tf.data.Dataset` of batches streamed from a data set file.
 
@@ -290,14 +300,18 @@ def make_tf_dataset(
         shuffle_blocks: stored blocks mixed together when shuffling.
         reshuffle_each_iteration: if False, every pass repeats epoch 0 exactly, the same
             order and the same noise (for validation losses that compare across epochs).
+        static_steps: for data sets of single images (T = 1): corrupt each image
+            independently this many times, so "noisy" is (B, static_steps, H, W, C), one copy
+            per EM step, as the published code does; None: one copy. Ignored for sequences.
 
     Returns:
         A dataset of dicts {"features", "noisy"[, "groups"]}, each (B, T, H, W, C) with
-        T, H, W, C static.
+        T, H, W, C static ("noisy" has static_steps frames for single images, see above).
     """
     import tensorflow as tf
 
     noise_type = check_noise(noise_type, noise_prob)
+    check_static_steps(static_steps)
     plan, sequence_shape = _open_plan(
         path, split, batch_size, shuffle=shuffle, seed=seed, shuffle_blocks=shuffle_blocks,
         drop_remainder=drop_remainder, max_sequences=max_sequences,
@@ -325,7 +339,10 @@ def make_tf_dataset(
     @tf.autograph.experimental.do_not_convert  # plain TF ops; AutoGraph chokes on the enclosing generator
     def with_noise(batch):
         noise_seed = batch.pop("noise_seed")
-        batch["noisy"] = add_noise_tf(batch["features"], noise_type, noise_prob, noise_seed)
+        clean = batch["features"]  # (B, T, H, W, C)
+        if static_steps and sequence_shape[0] == 1:
+            clean = tf.repeat(clean, static_steps, axis=1)  # (B, S, H, W, C)
+        batch["noisy"] = add_noise_tf(clean, noise_type, noise_prob, noise_seed)
         return batch
 
     dataset = tf.data.Dataset.from_generator(generate_batches, output_signature=signature)
@@ -350,8 +367,8 @@ class H5Batches(keras.utils.PyDataset):
 
     Args:
         path, split, batch_size, shuffle, seed, noise_type, noise_prob, with_groups,
-        drop_remainder, max_sequences, shuffle_blocks, reshuffle_each_iteration: as in
-            `make_tf_dataset`.
+        drop_remainder, max_sequences, shuffle_blocks, reshuffle_each_iteration,
+            static_steps: as in `make_tf_dataset`.
         **kwargs: passed to `keras.utils.PyDataset` (workers, use_multiprocessing,
             max_queue_size).
     """
@@ -371,11 +388,13 @@ class H5Batches(keras.utils.PyDataset):
         max_sequences: int | None = None,
         shuffle_blocks: int = 16,
         reshuffle_each_iteration: bool = True,
+        static_steps: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.noise_type = check_noise(noise_type, noise_prob)
         self.noise_prob = noise_prob
+        self.static_steps = check_static_steps(static_steps)
         self.path = path
         self.split = split
         self.seed = seed
@@ -397,7 +416,10 @@ class H5Batches(keras.utils.PyDataset):
             raise IndexError(f"batch index {index} outside [0, {len(self.plan)})")
         batch = _read_batch(self._reader(), self.plan.batch(self.epoch, index), self.with_groups)
         rng = np.random.default_rng(noise_seed_sequence(self.seed, self.epoch, index))
-        batch["noisy"] = add_noise(batch["features"], self.noise_type, self.noise_prob, rng)
+        clean = batch["features"]  # (B, T, H, W, C)
+        if self.static_steps and clean.shape[1] == 1:
+            clean = np.repeat(clean, self.static_steps, axis=1)  # (B, S, H, W, C)
+        batch["noisy"] = add_noise(clean, self.noise_type, self.noise_prob, rng)
         return batch
 
     def on_epoch_end(self):

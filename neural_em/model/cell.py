@@ -131,6 +131,9 @@ class EMCell(keras.layers.Layer):
         flat_deltas = ops.reshape(masked_deltas, (batch * self.k, self.num_pixel_values))
         flat_theta = ops.reshape(theta, (batch * self.k, self.units))
         flat_psi, flat_theta = self.inner(flat_deltas, flat_theta, training=training)  # (B·K, H·W·C), (B·K, units)
+        # Under mixed precision the inner network returns float16; the states stay in the cell's dtype.
+        flat_psi = ops.cast(flat_psi, self.compute_dtype)
+        flat_theta = ops.cast(flat_theta, self.compute_dtype)
 
         new_psi = ops.reshape(flat_psi, (batch, self.k) + self.image_shape)  # (B, K, H, W, C)
         new_gamma = e_step(new_psi, target, self.distribution, self.e_sigma)  # (B, K, H, W, 1)

@@ -58,9 +58,12 @@ class NeuralEM(keras.Model):
         self.gradient_gamma = gradient_gamma
         self.inter_weight = inter_weight
         self.step_weights_spec = loss_step_weights
+        # The EM loop (states, E-step, loss) stays float32 under a mixed-precision policy; only the
+        # inner network computes in the policy's dtype (float16 would underflow the E-step's ε).
         self.cell = EMCell(network, image_shape, k, distribution, pred_init, e_sigma, gradient_gamma, seed,
-                           name="em_cell")
-        self.rnn = keras.layers.RNN(self.cell, return_sequences=True, unroll=unroll, name="em_steps")
+                           name="em_cell", dtype="float32")
+        self.rnn = keras.layers.RNN(self.cell, return_sequences=True, unroll=unroll, name="em_steps",
+                                    dtype="float32")
         self.term_trackers = {name: keras.metrics.Mean(name=name) for name in LOSS_TERMS}
 
     def steps_for(self, frames):
@@ -77,22 +80,35 @@ class NeuralEM(keras.Model):
             return ops.repeat(features, self.nr_steps, axis=1)
         return features[:, 1:]
 
-    def em_inputs(self, noisy):
-        """Noisy inputs of each EM step: (B, T, H, W, C) -> (B, S, H, W, C)."""
+    def em_inputs(self, batch):
+        """Noisy inputs of each EM step, (B, S, H, W, C).
+
+        Sequences: frames 0 … T − 2 of ``batch['noisy']``. Static images (T = 1): either one
+        noisy copy, (B, 1, H, W, C), fed to every step, or one independently corrupted copy per
+        step, (B, nr_steps, H, W, C), as the pipelines give with ``static_steps`` and as the
+        published code trains (it tiles the image over the steps before adding noise).
+        """
+        noisy = batch["noisy"]
+        if batch["features"].shape[1] > 1:
+            return noisy[:, :-1]
         if noisy.shape[1] == 1:
             return ops.repeat(noisy, self.nr_steps, axis=1)
-        return noisy[:, :-1]
+        if noisy.shape[1] != self.nr_steps:
+            raise ValueError(f"Static images need 1 or nr_steps={self.nr_steps} noisy copies per image, got "
+                             f"{noisy.shape[1]}; build the batches with static_steps={self.nr_steps}.")
+        return noisy
 
     def call(self, batch, training=None):
         """Runs the EM steps.
 
         Args:
-            batch: dict with 'noisy' and 'features', each (B, T, H, W, C), and optionally
+            batch: dict with 'features', (B, T, H, W, C), 'noisy' (the same shape, or
+                (B, nr_steps, H, W, C) for static images, see ``em_inputs``) and optionally
                 'initial_gamma' (B, K, H, W, 1) to replace the random initial γ.
         Returns:
             dict with 'gamma' (B, S, K, H, W, 1), 'psi' (B, S, K, H, W, C), 'theta' (B, S, K, units).
         """
-        inputs = self.em_inputs(batch["noisy"])  # (B, S, H, W, C)
+        inputs = self.em_inputs(batch)  # (B, S, H, W, C)
         targets = self.em_targets(batch["features"])  # (B, S, H, W, C)
         batch_size, steps = ops.shape(inputs)[0], ops.shape(inputs)[1]
         flat = ops.concatenate(

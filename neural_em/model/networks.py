@@ -22,6 +22,7 @@ with tied weights (:class:`NEMStep`), not an RNN under another name.
 """
 
 import copy
+import math
 
 import keras
 from keras import ops
@@ -177,6 +178,11 @@ class RecurrentLayer(keras.layers.Layer):
         self.norm = keras.layers.LayerNormalization(name="ln") if layer_norm else None
 
     def build(self, input_shape):
+        # Glorot-uniform over the joint [W; R] matrix, as TF1's BasicRNNCell of the published
+        # code initialises it (fan-in = inputs + units), rather than over W and R apart.
+        limit = math.sqrt(6.0 / (input_shape[-1] + 2 * self.units))
+        for dense in (self.input_dense, self.recurrent_dense):
+            dense.kernel_initializer = keras.initializers.RandomUniform(-limit, limit)
         self.input_dense.build(input_shape)
         self.recurrent_dense.build((input_shape[0], self.units))
         if self.norm is not None:
