@@ -86,6 +86,7 @@ def shared_config():
         "jit_compile": "auto",
         "unroll": False,  # unroll the EM loop instead of a symbolic loop
         "verbose": 1,
+        "time_limit_minutes": None,  # pause after the last epoch that ends in time; the same command resumes
     }
     scoring = {
         "valid_sequences": 1000,  # validation subset scored (AMI, ARI) every epoch; 0: none
@@ -136,6 +137,9 @@ def check_config(config):
         value = config["training"][key]
         if not isinstance(value, int) or value < 1:
             fail(f"training.{key}", value, "an integer >= 1")
+    limit = config["training"].get("time_limit_minutes")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+        fail("training.time_limit_minutes", limit, "None or a positive number of minutes")
     if not config["training"]["learning_rate"] > 0:
         fail("training.learning_rate", config["training"]["learning_rate"], "a positive number")
     if config["scoring"]["average_method"] not in ("max", "arithmetic", "min", "geometric"):
@@ -185,7 +189,8 @@ def make_model(config, info, **overrides):
     return NeuralEM(**settings)
 
 
-IGNORED_FOR_CHECKPOINT = ("checkpoint_dir", "resume", "training.verbose", "training.max_epochs", "training.patience")
+IGNORED_FOR_CHECKPOINT = ("checkpoint_dir", "resume", "training.verbose", "training.max_epochs", "training.patience",
+                          "training.time_limit_minutes")
 
 
 def checkpoint_dir(config, root="runs/checkpoints"):

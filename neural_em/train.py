@@ -55,6 +55,7 @@ def train(_config, _run, seed):
         score_batches=score_batches if score_count else None, log_metric=_run.log_scalar,
         average_method=config["scoring"]["average_method"], jit_compile=run_cfg["jit_compile"],
         verbose=run_cfg["verbose"],
+        time_limit=None if run_cfg["time_limit_minutes"] is None else 60 * run_cfg["time_limit_minutes"],
     )
     _run.info.update(epochs=state["epoch"], best_epoch=state["best_epoch"], stop_reason=state["stop_reason"])
 

@@ -15,6 +15,7 @@ the same folder goes on from there.
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import keras
@@ -149,9 +150,12 @@ class EpochEnd(keras.callbacks.Callback):
         score_batches: a callable returning batches with 'groups' for AMI/ARI, or None.
         log_metric: ``log_metric(name, value, epoch)``, e.g. Sacred's ``_run.log_scalar``.
         average_method: AMI normaliser.
+        time_limit: seconds this run may take, or None; training pauses after the last epoch
+            expected to end within it (the next run of the same command resumes).
     """
 
-    def __init__(self, folder, state, patience, score_batches=None, log_metric=None, average_method="max"):
+    def __init__(self, folder, state, patience, score_batches=None, log_metric=None, average_method="max",
+                 time_limit=None):
         super().__init__()
         self.folder = Path(folder)
         self.state = state
@@ -159,7 +163,16 @@ class EpochEnd(keras.callbacks.Callback):
         self.score_batches = score_batches
         self.log_metric = log_metric or (lambda name, value, step: None)
         self.average_method = average_method
+        self.time_limit = time_limit
         self.diverged = None
+        self.paused = None
+        self.started = self.epoch_started = time.monotonic()
+
+    def on_train_begin(self, logs=None):
+        self.started = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_started = time.monotonic()
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
@@ -201,12 +214,20 @@ class EpochEnd(keras.callbacks.Callback):
         if self.state["wait"] >= self.patience:
             self.state["stop_reason"] = f"no lower validation loss for {self.patience} epochs"
             self.model.stop_training = True
+        elif self.time_limit is not None and epoch + 1 < self.params.get("epochs", math.inf):
+            now = time.monotonic()
+            # The next epoch is assumed to take as long as this one (which includes its scoring).
+            if now - self.started + (now - self.epoch_started) > self.time_limit:
+                self.paused = f"time limit of {self.time_limit:g} s reached after epoch {epoch + 1}"
+                self.state["stop_reason"] = self.paused
+                self.model.stop_training = True
         _atomic_save(self.model.save, self.folder / LAST_MODEL)
         self.state.save()
 
 
 def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, learning_rate=1e-3,
-          score_batches=None, log_metric=None, average_method="max", jit_compile="auto", verbose=1, callbacks=()):
+          score_batches=None, log_metric=None, average_method="max", jit_compile="auto", verbose=1, callbacks=(),
+          time_limit=None):
     """Trains ``model`` (compiled here with Adam), or resumes from ``folder``.
 
     Args:
@@ -222,6 +243,9 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
         jit_compile: passed to ``Model.compile``.
         verbose: Keras progress bar (1) or none (0).
         callbacks: further Keras callbacks, run after the checkpointing one.
+        time_limit: seconds this call may train, or None. It stops after the last epoch that is
+            expected to end in time, unfinished: calling again resumes (for machines lent for
+            a few minutes at a time).
 
     Returns:
         (model with the best weights loaded, CheckpointState).
@@ -240,7 +264,8 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), jit_compile=jit_compile)
 
     if not state["finished"] and state["epoch"] < max_epochs:
-        epoch_end = EpochEnd(folder, state, patience, score_batches, log_metric, average_method)
+        state["stop_reason"] = None  # a paused run goes on
+        epoch_end = EpochEnd(folder, state, patience, score_batches, log_metric, average_method, time_limit)
         model.fit(train_batches, validation_data=valid_batches, epochs=max_epochs, initial_epoch=state["epoch"],
                   callbacks=[epoch_end, *callbacks], verbose=verbose, shuffle=False)  # the pipelines shuffle
         if epoch_end.diverged:
@@ -250,9 +275,14 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
                 kept = f"The best checkpoint {folder / BEST_WEIGHTS} (epoch {state['best_epoch']}) is intact"
             raise TrainingDiverged(
                 f"Training stopped: {epoch_end.diverged}. {kept}; lower the learning rate or check the data.")
-        state["finished"] = True
-        state["stop_reason"] = state["stop_reason"] or f"reached max_epochs={max_epochs}"
-        state.save()
+        if epoch_end.paused:
+            if verbose:
+                print(f"Paused: {epoch_end.paused}. Run the same command again to continue "
+                      f"from epoch {state['epoch'] + 1}.")
+        else:
+            state["finished"] = True
+            state["stop_reason"] = state["stop_reason"] or f"reached max_epochs={max_epochs}"
+            state.save()
     if (folder / BEST_WEIGHTS).exists():
         model.load_weights(folder / BEST_WEIGHTS)
     return model, state

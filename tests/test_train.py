@@ -113,6 +113,7 @@ def test_stage_wise_training_starts_from_given_weights(tmp_path, tiny_shapes):
     ("init_weights=/nonexistent/best.weights.h5", "init_weights='/nonexistent/best.weights.h5'"),
     ("training.batch_size=0", "training.batch_size=0"),
     ("em.loss_step_weights=first", "em.loss_step_weights='first'"),
+    ("training.time_limit_minutes=-1", "training.time_limit_minutes=-1"),
 ])
 def test_invalid_configuration_fails_before_training(tmp_path, monkeypatch, update, message):
     from neural_em.train import ex
@@ -154,6 +155,28 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp_p
     restored = build(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2))
     restored.load_weights(tmp_path / training.BEST_WEIGHTS)
     assert all(np.all(np.isfinite(w)) for w in restored.get_weights())
+
+
+def test_time_limit_pauses_after_an_epoch_and_the_next_call_goes_on(tmp_path):
+    rng = np.random.default_rng(0)
+    features = (rng.random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
+    batch = {"features": features, "noisy": features}
+    folder = tmp_path / "ckpt"
+
+    def run(time_limit):
+        model = NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0)
+        return training.train(model, folder, batch, None, max_epochs=3, patience=3, verbose=0, time_limit=time_limit)
+
+    # Any epoch takes longer than a nanosecond, so each call trains exactly one epoch.
+    for epoch in (1, 2):
+        _, state = run(time_limit=1e-9)
+        assert state["epoch"] == epoch and not state["finished"]
+        assert "time limit" in state["stop_reason"]
+        assert json.loads((folder / training.STATE).read_text())["epoch"] == epoch
+    _, state = run(time_limit=None)
+    assert state["epoch"] == 3 and state["finished"]
+    assert state["stop_reason"] == "reached max_epochs=3"
+    assert len(state["history"]["loss"]) == 3
 
 
 def test_few_hundred_steps_lower_the_loss_and_lift_ami_above_chance(tmp_path):
