@@ -249,7 +249,7 @@ class Evaluation(NamedTuple):
 
     Attributes:
         scores: dict of numpy arrays, per sequence and step (N, S): 'ami', 'ari', 'confidence',
-            'upper_bound_bce'; per sequence (N,): 'ami_weighted', 'ami_last', 'ari_weighted',
+            'upper_bound_bce', 'occluded_pixels'; per sequence (N,): 'ami_weighted', 'ami_last', 'ari_weighted',
             'ari_last', 'confidence_weighted', 'upper_bound_bce_weighted'; and 'step_weights' (S,).
         example: the first batch and the model's outputs on it, for pictures: 'targets' and
             'inputs' (B, S, H, W, C) (the clean frame each step is scored against, the noisy
@@ -313,7 +313,7 @@ def summarize(scores):
     Returns:
         dict: for each SUMMARY_ROWS name, {'mean', 'std'} over sequences; 'per_step' with lists
         (one entry per step) 'ami_q25', 'ami_median', 'ami_q75', 'ami_mean', 'upper_bound_bce';
-        'num_sequences' and 'steps'.
+        'num_sequences' and 'steps'; 'by_occlusion' (see ``split_by_occlusion``).
     """
     summary = {}
     for name, key, _ in SUMMARY_ROWS:
@@ -325,7 +325,27 @@ def summarize(scores):
         "upper_bound_bce": scores["upper_bound_bce"].mean(axis=0).tolist(),
     }
     summary["num_sequences"], summary["steps"] = scores["ami"].shape
+    summary["by_occlusion"] = split_by_occlusion(scores)
     return summary
+
+
+def split_by_occlusion(scores):
+    """Last-step AMI of the sequences whose last scored frame has overlapping objects, and of the rest.
+
+    Overlap is where grouping is ambiguous (a pixel of two shapes belongs to either), so the
+    split tells a model that fails on overlapping objects from one that fails everywhere.
+
+    Returns:
+        dict with 'occluded' and 'unoccluded', each {'count', 'ami_last_mean'} ('ami_last_mean'
+        None for an empty part).
+    """
+    occluded = scores["occluded_pixels"][:, -1] > 0  # (N,)
+    parts = {}
+    for name, members in (("occluded", occluded), ("unoccluded", ~occluded)):
+        count = int(members.sum())
+        mean = float(np.mean(scores["ami_last"][members])) if count else None
+        parts[name] = {"count": count, "ami_last_mean": mean}
+    return parts
 
 
 def format_report(summary, title):
@@ -333,6 +353,11 @@ def format_report(summary, title):
     lines = [title, f"{'score':<40}{'mean':>10}{'std':>10}"]
     for name, _, label in SUMMARY_ROWS:
         lines.append(f"{label:<40}{summary[name]['mean']:>10.4f}{summary[name]['std']:>10.4f}")
+    total = summary["num_sequences"]
+    for name, label in (("occluded", "objects overlap"), ("unoccluded", "no overlap")):
+        part = summary["by_occlusion"][name]
+        mean = "-" if part["ami_last_mean"] is None else f"{part['ami_last_mean']:.4f}"
+        lines.append(f"{'AMI (last step), ' + label:<40}{mean:>10}  ({part['count']} of {total} sequences)")
     per_step = summary["per_step"]
     lines += ["", f"{'step':>4}{'AMI q25':>10}{'median':>10}{'q75':>10}{'BCE':>10}"]
     for step in range(summary["steps"]):

@@ -422,3 +422,26 @@ def sequence_scores(per_step_scores, step_weights):
         raise ValueError(f"step_weights must be non-negative with a positive sum, got {step_weights}")
     weighted = per_step_scores @ step_weights / step_weights.sum()  # (B,)
     return {"weighted": weighted, "last": per_step_scores[:, -1]}
+
+
+def occluded_pixels(features, groups):
+    """Per image, the pixels that show an object but belong to no single object.
+
+    Ground truth marks pixels covered by two or more objects with group 0, like the
+    background; they are left out of AMI and ARI, but the images that have them are
+    the ones where grouping is ambiguous, so results are worth splitting by them.
+
+    Args:
+        features: (..., H, W, C) clean images; a pixel shows something when any channel is not 0.
+        groups: (..., H, W, 1) ground truth, 0 for background and overlap.
+    Returns:
+        int64 array of the leading shape (...): the count of pixels that show something
+        and have group 0.
+    """
+    features, groups = np.asarray(features), np.asarray(groups)
+    if groups.ndim < 3 or groups.shape[-1] != 1 or features.shape[:-1] != groups.shape[:-1]:
+        raise ValueError(f"features (..., H, W, C) and groups (..., H, W, 1) must agree, "
+                         f"got {features.shape} and {groups.shape}")
+    shows_something = np.any(features != 0, axis=-1)  # (..., H, W)
+    occluded = shows_something & (groups[..., 0] == 0)  # (..., H, W)
+    return occluded.sum(axis=(-2, -1), dtype=np.int64)

@@ -46,7 +46,7 @@ def score_model(model, batches, *, average_method="max", max_batches=None):
 
     Returns:
         dict of per-sequence arrays: per step (N, S) 'ami', 'ari', 'confidence',
-        'upper_bound_bce', and (N,) their weighted (loss step weights) and last-step scores.
+        'upper_bound_bce', 'occluded_pixels', and (N,) their weighted (loss step weights) and last-step scores.
     """
     per_batch, weights = [], None
     for index, batch in enumerate(batches):
@@ -66,7 +66,8 @@ def score_batch(model, batch, average_method="max"):
     step t against the groups of frame t + 1, the frame step t predicts.
 
     Returns:
-        (scores, outputs): scores holds (B, S) arrays 'ami', 'ari', 'confidence', 'upper_bound_bce';
+        (scores, outputs): scores holds (B, S) arrays 'ami', 'ari', 'confidence', 'upper_bound_bce',
+        'occluded_pixels' (pixels of the scored frame where objects overlap, see ``metrics.occluded_pixels``);
         outputs the arrays 'gamma', 'psi', 'targets' and 'groups' (see ``Evaluation.example``).
     """
     outputs = model.predict_on_batch(batch)
@@ -76,6 +77,7 @@ def score_batch(model, batch, average_method="max"):
     grouping = metrics.grouping_scores(groups, gamma, average_method=average_method)
     scores = {name: grouping[name] for name in ("ami", "ari", "confidence")}
     scores["upper_bound_bce"] = upper_bound_per_sequence(psi, targets, model.distribution)
+    scores["occluded_pixels"] = metrics.occluded_pixels(targets, groups)  # (B, S)
     return scores, dict(gamma=gamma, psi=psi, targets=targets, groups=groups)
 
 

@@ -77,6 +77,13 @@ def test_evaluation_of_a_training_run_is_recorded_with_scores_and_pictures(train
     assert np.all((0.5 <= scores["confidence"]) & (scores["confidence"] <= 1))  # max of 2 γ's summing to 1
     np.testing.assert_array_equal(scores["ami_weighted"], scores["ami"][:, -1])  # static images: loss on 'last'
     assert recorded["result"] == pytest.approx(scores["ami_weighted"].mean())
+    # Three shapes on 28x28 overlap in most images but not all: both parts of the split are filled.
+    occluded = scores["occluded_pixels"][:, -1] > 0  # (32,)
+    by_occlusion = info["summary"]["by_occlusion"]
+    assert by_occlusion["occluded"]["count"] == occluded.sum() > 0
+    assert by_occlusion["unoccluded"]["count"] == (~occluded).sum() > 0
+    assert by_occlusion["occluded"]["ami_last_mean"] == pytest.approx(scores["ami_last"][occluded].mean())
+    assert by_occlusion["unoccluded"]["ami_last_mean"] == pytest.approx(scores["ami_last"][~occluded].mean())
 
     assert {"scores.npz", "ami_per_step.png", "overview.png", "summary.json"} <= set(
         observers.run_artifacts(trained.db, run._id))
@@ -225,3 +232,17 @@ def test_bad_model_source_is_a_clear_error(tmp_path, monkeypatch, updates, messa
     with pytest.raises(experiment.ConfigError, match=message):
         evaluate.ex.run(config_updates={**QUIET, **updates}, options={"--unobserved": True})
     assert not (tmp_path / "runs").exists()
+
+
+def test_occlusion_split_of_a_summary_by_hand():
+    ami = np.array([[0.1, 0.2], [0.3, 0.9], [0.0, 0.5]])  # (N=3, S=2)
+    scores = {"ami": ami, "ari": ami, "confidence": np.ones_like(ami), "upper_bound_bce": np.ones_like(ami),
+              "occluded_pixels": np.array([[0, 4], [3, 0], [0, 0]])}  # only the last step decides
+    scores = evaluate.training.with_sequence_scores(scores, [0.0, 1.0])
+    summary = evaluate.summarize(scores)
+    assert summary["by_occlusion"] == {"occluded": {"count": 1, "ami_last_mean": pytest.approx(0.2)},
+                                       "unoccluded": {"count": 2, "ami_last_mean": pytest.approx(0.7)}}
+    assert "AMI (last step), objects overlap" in evaluate.format_report(summary, "title")
+    scores["occluded_pixels"] = np.zeros_like(ami, dtype=int)
+    assert evaluate.summarize(scores)["by_occlusion"]["occluded"] == {"count": 0, "ami_last_mean": None}
+    assert "(0 of 3 sequences)" in evaluate.format_report(evaluate.summarize(scores), "title")

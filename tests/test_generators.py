@@ -125,6 +125,37 @@ def test_static_shapes_are_single_frames_with_at_most_three_objects():
     assert set(np.unique(groups)) <= {0, 1, 2, 3}
 
 
+def _reference_static_image(rng, size=28, objects=3):
+    """One image drawn the way the published shapes.h5 was (SPEC §4): a shape id, then a uniform
+    top-left corner fully inside the image, per object; a pixel on in two shapes gets group 0."""
+    counts, groups = np.zeros((size, size), int), np.zeros((size, size), int)
+    for label in range(1, objects + 1):
+        bitmap = shapes.SHAPES[rng.integers(len(shapes.SHAPES))]
+        row = rng.integers(size - bitmap.shape[0] + 1)
+        column = rng.integers(size - bitmap.shape[1] + 1)
+        window = (slice(row, row + bitmap.shape[0]), slice(column, column + bitmap.shape[1]))
+        counts[window] += bitmap
+        groups[window][bitmap != 0] = label
+    groups[counts > 1] = 0
+    return counts > 0, groups
+
+
+def test_static_shapes_have_the_statistics_of_the_published_generator():
+    # How often shapes overlap decides how hard grouping is (and so the AMI one can reach).
+    n = 3000
+    features, groups = shapes.static_shapes(np.random.default_rng(7), n)
+    ours_on = features[0, ..., 0].sum(axis=(1, 2))  # (N,)
+    ours_overlap = ((features[0, ..., 0] == 1) & (groups[0, ..., 0] == 0)).sum(axis=(1, 2))  # (N,)
+    rng = np.random.default_rng(8)
+    reference = [_reference_static_image(rng) for _ in range(n)]
+    ref_on = np.array([on.sum() for on, _ in reference])
+    ref_overlap = np.array([(on & (grp == 0)).sum() for on, grp in reference])
+    # About 71% of images have overlapping shapes; the standard error of a difference is about 0.012.
+    assert abs(np.mean(ours_overlap > 0) - np.mean(ref_overlap > 0)) < 0.05
+    assert abs(ours_overlap.mean() - ref_overlap.mean()) < 1.0  # pixels; means are about 10.4
+    assert abs(ours_on.mean() - ref_on.mean()) < 2.0  # pixels; means are about 125
+
+
 def test_scene_options_are_checked():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="size=11"):

@@ -291,3 +291,21 @@ def test_sequence_scores_by_hand():
 def test_sequence_scores_rejects_bad_input(scores, weights, message):
     with pytest.raises(ValueError, match=message):
         sequence_scores(scores, weights)
+
+
+def test_occluded_pixels_by_hand():
+    # Two 2x3 grey images: a pixel is occluded when it shows something and has group 0.
+    features = np.array([[[0.0, 0.5, 1.0], [0.2, 0.0, 0.0]],
+                         [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])[..., None]  # (2, 2, 3, 1)
+    groups = np.array([[[0, 0, 1], [0, 2, 0]],
+                       [[0, 0, 0], [1, 0, 0]]])[..., None]  # (2, 2, 3, 1)
+    np.testing.assert_array_equal(metrics.occluded_pixels(features, groups), [2, 0])
+    # Leading axes are kept: (B, T) sequences; a pixel with any channel on shows something.
+    rgb = np.zeros((1, 2, 2, 3, 3))
+    rgb[0, 1, 0, 0, 2] = 1.0
+    np.testing.assert_array_equal(metrics.occluded_pixels(rgb, np.zeros((1, 2, 2, 3, 1), int)), [[0, 1]])
+
+
+def test_occluded_pixels_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"features .* and groups .* must agree"):
+        metrics.occluded_pixels(np.zeros((2, 4, 4, 1)), np.zeros((2, 4, 5, 1)))
