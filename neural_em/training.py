@@ -46,7 +46,8 @@ def score_model(model, batches, *, average_method="max", max_batches=None):
 
     Returns:
         dict of per-sequence arrays: per step (N, S) 'ami', 'ari', 'confidence',
-        'upper_bound_bce', 'occluded_pixels', and (N,) their weighted (loss step weights) and last-step scores.
+        'upper_bound_bce' and 'occluded_pixels', and (N,) the weighted (loss step weights) and
+        last-step scores that ``with_sequence_scores`` adds.
     """
     per_batch, weights = [], None
     for index, batch in enumerate(batches):

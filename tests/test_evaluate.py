@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import adjusted_mutual_info_score
 
-from neural_em import evaluate, experiment, observers
+from neural_em import evaluate, experiment, observers, training
 from neural_em.data import registry
 from neural_em.data.pipeline import dataset_info
 from neural_em.data.store import open_dataset
@@ -238,7 +238,7 @@ def test_occlusion_split_of_a_summary_by_hand():
     ami = np.array([[0.1, 0.2], [0.3, 0.9], [0.0, 0.5]])  # (N=3, S=2)
     scores = {"ami": ami, "ari": ami, "confidence": np.ones_like(ami), "upper_bound_bce": np.ones_like(ami),
               "occluded_pixels": np.array([[0, 4], [3, 0], [0, 0]])}  # only the last step decides
-    scores = evaluate.training.with_sequence_scores(scores, [0.0, 1.0])
+    scores = training.with_sequence_scores(scores, [0.0, 1.0])
     summary = evaluate.summarize(scores)
     assert summary["by_occlusion"] == {"occluded": {"count": 1, "ami_last_mean": pytest.approx(0.2)},
                                        "unoccluded": {"count": 2, "ami_last_mean": pytest.approx(0.7)}}
