@@ -163,7 +163,7 @@ def test_nem_step_is_gradient_ascent_with_tied_weights():
     net = build_inner_network("NEM", 4)
     net.build((None, 4))
     kernel = np.random.default_rng(0).normal(size=(4, 250)).astype("float32") * 0.1
-    net.set_weights([kernel, np.zeros(4, np.float32), np.float32(0.5)])
+    net.set_weights([kernel, np.float32(0.5)])
     masked = np.array([[0.3, -0.2, 0.0, 1.0]], np.float32)
     h = np.random.default_rng(1).normal(size=(1, 250)).astype("float32")
     psi, h_new = (np.asarray(t) for t in net(masked, h))
@@ -171,6 +171,16 @@ def test_nem_step_is_gradient_ascent_with_tied_weights():
     expected_h = h + 0.5 * sig * (1 - sig) * (masked @ kernel)
     np.testing.assert_allclose(h_new, expected_h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(psi, 1 / (1 + np.exp(-(1 / (1 + np.exp(-expected_h))) @ kernel.T)), rtol=1e-5)
+
+
+def test_nem_step_is_initialised_like_the_published_cell():
+    net = build_inner_network("NEM", 784)
+    net.build((None, 784))
+    assert [w.name for w in net.weights] == ["kernel", "step_size"]  # tied W, no output bias
+    kernel = np.asarray(net.kernel)
+    limit = np.sqrt(6 / (784 + 250))  # Glorot-uniform, as TF1's slim.fully_connected
+    assert np.abs(kernel).max() <= limit
+    np.testing.assert_allclose(kernel.std(), limit / np.sqrt(3), rtol=0.02)
 
 
 def _numpy_terms(psi, gamma, target, distribution):

@@ -14,14 +14,20 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 STATIC_SHAPES = RESULTS / "static_shapes_rnn_em_k3_seed0"
 
 
-@pytest.mark.skipif(not STATIC_SHAPES.is_dir(), reason="no committed static shapes checkpoint")
-def test_static_shapes_checkpoint_groups_fresh_images(tmp_path):
-    state = json.loads((STATIC_SHAPES / training.STATE).read_text())
-    assert state["best_epoch"] <= state["epoch"]
-    summary = json.loads((STATIC_SHAPES / "test_k3_summary.json").read_text())["summary"]
+STATIC_SHAPES_NEM = RESULTS / "static_shapes_nem_k4_seed0"
 
-    model = build(NeuralEM("shapes", (28, 28, 1), k=3, nr_steps=15, seed=0))
-    model.load_weights(STATIC_SHAPES / training.BEST_WEIGHTS)
+
+@pytest.mark.parametrize("folder, network, k", [(STATIC_SHAPES, "shapes", 3), (STATIC_SHAPES_NEM, "NEM", 4)],
+                         ids=["rnn_em", "nem"])
+def test_static_shapes_checkpoint_groups_fresh_images(tmp_path, folder, network, k):
+    if not folder.is_dir():
+        pytest.skip(f"no committed checkpoint {folder.name}")
+    state = json.loads((folder / training.STATE).read_text())
+    assert state["best_epoch"] <= state["epoch"]
+    summary = json.loads((folder / f"test_k{k}_summary.json").read_text())["summary"]
+
+    model = build(NeuralEM(network, (28, 28, 1), k=k, nr_steps=15, seed=0))
+    model.load_weights(folder / training.BEST_WEIGHTS)
     # Images the model never saw (another seed than the data set's 0), with the training noise.
     path = registry.generate("shapes", out=tmp_path / "shapes.h5", train=1, valid=1, test=64, seed=123,
                              progress=False)

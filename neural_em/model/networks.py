@@ -293,9 +293,11 @@ class InnerNetwork(keras.layers.Layer):
 class NEMStep(keras.layers.Layer):
     """N-EM's generalised M-step: one gradient-ascent step on the expected log-likelihood.
 
-    With ψ = f(W·σ(h) + b) and the γ-masked deltas m = γ ⊙ (x − ψ) as input,
+    With ψ = f(W·σ(h)) and the γ-masked deltas m = γ ⊙ (x − ψ) as input,
     ∂/∂h Σ_i γ_i log P(x_i | ψ_i) = σ'(h) ⊙ (Wᵀ m), hence
     h ← h + η · σ(h)(1 − σ(h)) ⊙ (Wᵀ m), the encoder being the decoder's transpose.
+    As in the published cell, W is Glorot-uniform and there is no output bias;
+    η starts at ``initial_step_size`` (the published code drew it from U(−√3, √3)).
 
     Args:
         config: a layer-list dict with ``use_NEM_formulation`` (or the preset "NEM"):
@@ -315,9 +317,7 @@ class NEMStep(keras.layers.Layer):
 
     def build(self, input_shape):
         self.kernel = self.add_weight(
-            shape=(self.num_pixel_values, self.units), name="kernel",
-            initializer=keras.initializers.TruncatedNormal(stddev=0.01))
-        self.output_bias = self.add_weight(shape=(self.num_pixel_values,), name="output_bias", initializer="zeros")
+            shape=(self.num_pixel_values, self.units), name="kernel", initializer="glorot_uniform")
         self.step_size = self.add_weight(
             shape=(), name="step_size", initializer=keras.initializers.Constant(self.initial_step_size))
 
@@ -325,7 +325,7 @@ class NEMStep(keras.layers.Layer):
         gradient = ops.matmul(x, self.kernel)  # (N, units): Wᵀ m
         sigma_h = ops.sigmoid(h)
         h_new = h + self.step_size * sigma_h * (1.0 - sigma_h) * gradient  # (N, units)
-        logits = ops.matmul(ops.sigmoid(h_new), ops.transpose(self.kernel)) + self.output_bias  # (N, H·W·C)
+        logits = ops.matmul(ops.sigmoid(h_new), ops.transpose(self.kernel))  # (N, H·W·C)
         return self.output_activation(logits), h_new
 
     def get_config(self):
