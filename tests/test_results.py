@@ -12,8 +12,6 @@ from neural_em.model.nem import NeuralEM, build
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 STATIC_SHAPES = RESULTS / "static_shapes_rnn_em_k3_seed0"
-
-
 STATIC_SHAPES_NEM = RESULTS / "static_shapes_nem_k4_seed0"
 
 
