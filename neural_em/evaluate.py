@@ -222,7 +222,7 @@ def load_model(config, info, weights):
     try:
         model.load_weights(weights)
     except ValueError as error:
-        network = config["network"]["layers"] or config["network"]["name"]
+        network = experiment.network_spec(config)
         raise ValueError(f"Cannot load the weights {weights} into a {network!r} network for images of shape "
                          f"{info.image_shape}: {error}") from error
     return model

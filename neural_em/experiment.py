@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 from sacred import Experiment, Ingredient
 
 from neural_em.data import registry
@@ -53,6 +54,7 @@ for _named, _dataset in DATASET_NAMED_CONFIGS.items():
 def network_config_defaults():
     name = "shapes"  # a preset of neural_em.model.networks.PRESETS
     layers = None  # None: the preset's layer lists; else {'input': [...], 'recurrent': [...], 'output': [...]}
+    step_size = None  # N-EM only, η's start: None (the preset's 1.0), a number, or 'uniform' (published: U(±√3))
 
 
 for _preset in PRESETS:
@@ -149,7 +151,31 @@ def check_config(config):
         fail("em.loss_step_weights", weights, "'last', 'all' or a list of numbers")
     if config.get("init_weights") is not None and not Path(config["init_weights"]).is_file():
         fail("init_weights", config["init_weights"], "an existing weights file (*.weights.h5)")
-    network_config(config["network"]["layers"] or config["network"]["name"])
+    network_spec(config)
+
+
+def network_spec(config):
+    """The inner network of a config: a preset name, or a layer-list dict where a key overrides the preset.
+
+    ``network.step_size`` sets N-EM's initial η. 'uniform' draws it from U(−√3, √3) with
+    the run's seed: the published code left η, a (1, 1) variable, to TF1's default
+    initialiser, so every run started from another η.
+    """
+    network = config["network"]
+    step_size = network.get("step_size")
+    if step_size is None:
+        return network["layers"] or network["name"]
+    spec = network_config(network["layers"] or network["name"])
+    if not spec["use_NEM_formulation"]:
+        raise ConfigError(f"Invalid configuration network.step_size={step_size!r}: it applies to N-EM networks "
+                          f"only (network.name='NEM' or layers with use_NEM_formulation), not {network['name']!r}.")
+    if step_size == "uniform":
+        step_size = float(np.random.default_rng(config["seed"]).uniform(-math.sqrt(3), math.sqrt(3)))
+    elif isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size):
+        raise ConfigError(f"Invalid configuration network.step_size={step_size!r}: expected None, a finite number "
+                          "or 'uniform'.")
+    spec["step_size"] = float(step_size)
+    return spec
 
 
 def dataset_path(dataset_cfg, *, progress=True):
@@ -180,7 +206,7 @@ def make_model(config, info, **overrides):
     steps = config["nr_steps"] if info.frames == 1 else info.frames - 1
     loss_step_weights(em["loss_step_weights"], steps)  # fails early on a wrong-length list
     settings = dict(
-        network=config["network"]["layers"] or config["network"]["name"], image_shape=info.image_shape,
+        network=network_spec(config), image_shape=info.image_shape,
         k=config["k"], nr_steps=config["nr_steps"], distribution=distribution, pred_init=em["pred_init"],
         e_sigma=em["e_sigma"], gradient_gamma=em["gradient_gamma"], inter_weight=em["inter_weight"],
         loss_step_weights=em["loss_step_weights"], unroll=config["training"]["unroll"], seed=config["seed"],
@@ -198,6 +224,8 @@ def checkpoint_dir(config, root="runs/checkpoints"):
     if config["checkpoint_dir"]:
         return Path(config["checkpoint_dir"])
     flat = {key: value for key, value in _flatten(config).items() if key not in IGNORED_FOR_CHECKPOINT}
+    if flat.get("network.step_size", 0) is None:
+        del flat["network.step_size"]  # keeps the folders of runs from before this key existed
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = f"{config['dataset']['name']}_{config['network']['name']}_k{config['k']}_{digest}"
     return Path(root) / name

@@ -165,7 +165,7 @@ def export(_config, _run):
         model = evaluate.load_model(config, info, source.weights)
     distribution, _ = experiment.resolved_settings(config, info)
     metadata = {
-        "distribution": distribution, "network": config["network"]["layers"] or config["network"]["name"],
+        "distribution": distribution, "network": experiment.network_spec(config),
         "e_sigma": config["em"]["e_sigma"], "pred_init": config["em"]["pred_init"],
         "dataset": config["dataset"]["name"], "neural_em_version": _package_version(),
         "training_run": source.training_run["id"] if source.training_run else None,

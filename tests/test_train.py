@@ -15,6 +15,7 @@ from neural_em import experiment, observers, training
 from neural_em.data import registry
 from neural_em.data.pipeline import dataset_info
 from neural_em.model.nem import NeuralEM, build
+from neural_em.model.networks import build_inner_network
 
 TINY = ["training.batch_size=16", "nr_steps=2", "scoring.valid_sequences=16", "training.verbose=0"]
 
@@ -114,6 +115,7 @@ def test_stage_wise_training_starts_from_given_weights(tmp_path, tiny_shapes):
     ("training.batch_size=0", "training.batch_size=0"),
     ("em.loss_step_weights=first", "em.loss_step_weights='first'"),
     ("training.time_limit_minutes=-1", "training.time_limit_minutes=-1"),
+    ("network.step_size=0.5", "network.step_size=0.5"),  # the default network is RNN-EM's, not N-EM's
 ])
 def test_invalid_configuration_fails_before_training(tmp_path, monkeypatch, update, message):
     from neural_em.train import ex
@@ -125,6 +127,35 @@ def test_invalid_configuration_fails_before_training(tmp_path, monkeypatch, upda
     assert message in str(error.value)
     assert not (tmp_path / "runs" / "checkpoints").exists()
     assert not (tmp_path / "data").exists()  # no data set generated either
+
+
+def _nem_config(step_size, seed=0):
+    return {"seed": seed, "k": 4, "checkpoint_dir": None, "dataset": {"name": "shapes"},
+            "network": {"name": "NEM", "layers": None, "step_size": step_size}}
+
+
+def test_nem_step_size_starts_where_the_config_says():
+    assert experiment.network_spec(_nem_config(None)) == "NEM"  # the preset, η starting at 1.0
+    net = build_inner_network(experiment.network_spec(_nem_config(-0.5)), 784)
+    net.build((None, 784))
+    assert float(net.step_size) == -0.5
+    reloaded = type(net).from_config(net.get_config())
+    reloaded.build((None, 784))
+    assert float(reloaded.step_size) == -0.5
+
+    draws = [experiment.network_spec(_nem_config("uniform", seed))["step_size"] for seed in range(20)]
+    assert draws[:3] == [experiment.network_spec(_nem_config("uniform", seed))["step_size"] for seed in range(3)]
+    assert all(abs(eta) <= np.sqrt(3) for eta in draws)
+    assert min(draws) < 0 < max(draws)  # some runs start by descending, as in the published code
+    with pytest.raises(experiment.ConfigError, match="network.step_size='fast'"):
+        experiment.network_spec(_nem_config("fast"))
+
+
+def test_step_size_key_keeps_the_checkpoint_folders_of_older_runs():
+    older = _nem_config(None)
+    del older["network"]["step_size"]
+    assert experiment.checkpoint_dir(_nem_config(None)) == experiment.checkpoint_dir(older)
+    assert experiment.checkpoint_dir(_nem_config(0.5)) != experiment.checkpoint_dir(older)
 
 
 def _parse(value):

@@ -297,7 +297,8 @@ class NEMStep(keras.layers.Layer):
     ∂/∂h Σ_i γ_i log P(x_i | ψ_i) = σ'(h) ⊙ (Wᵀ m), hence
     h ← h + η · σ(h)(1 − σ(h)) ⊙ (Wᵀ m), the encoder being the decoder's transpose.
     As in the published cell, W is Glorot-uniform and there is no output bias;
-    η starts at ``initial_step_size`` (the published code drew it from U(−√3, √3)).
+    η starts at ``initial_step_size`` (the published code drew it from U(−√3, √3);
+    ``network.step_size='uniform'`` does the same).
 
     Args:
         config: a layer-list dict with ``use_NEM_formulation`` (or the preset "NEM"):
@@ -337,5 +338,5 @@ def build_inner_network(config, num_pixel_values, name="inner_network"):
     """Builds the M-step network from a preset name or a layer-list dict."""
     config = network_config(config)
     if config["use_NEM_formulation"]:
-        return NEMStep(config, num_pixel_values, name=name)
+        return NEMStep(config, num_pixel_values, initial_step_size=config.get("step_size", 1.0), name=name)
     return InnerNetwork(config, num_pixel_values, name=name)
