@@ -22,6 +22,10 @@ def train(_config, _run, seed):
     info = dataset_info(path)
     _, noise_type = experiment.resolved_settings(config, info)
     model = experiment.make_model(config, info)
+    network = experiment.network_spec(config)
+    if isinstance(network, dict) and "step_size" in network:
+        _run.info["initial_step_size"] = network["step_size"]  # 'uniform' draws it: record what was drawn
+        print(f"N-EM step size η starts at {network['step_size']:.4f}.")
     if config["init_weights"]:
         experiment.build(model, info.frames)
         model.load_weights(config["init_weights"])

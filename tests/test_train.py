@@ -151,6 +151,20 @@ def test_nem_step_size_starts_where_the_config_says():
         experiment.network_spec(_nem_config("fast"))
 
 
+def test_training_records_the_drawn_step_size(tmp_path, monkeypatch, tiny_shapes):
+    from neural_em.train import ex
+
+    monkeypatch.chdir(tmp_path)
+    updates = {"dataset.path": str(tiny_shapes), "network.name": "NEM", "network.step_size": "uniform", "seed": 3,
+               "k": 2, "training.max_epochs": 1, "checkpoint_dir": str(tmp_path / "ckpt"),
+               **{key: _parse(value) for key, value in (update.split("=", 1) for update in TINY)}}
+    run = ex.run(config_updates=updates, options={"--unobserved": True})
+    drawn = experiment.network_spec(_nem_config("uniform", seed=3))["step_size"]
+    assert run.info["initial_step_size"] == drawn
+    first_epoch = keras.saving.load_model(tmp_path / "ckpt" / training.LAST_MODEL)
+    assert first_epoch.cell.inner.initial_step_size == drawn  # the model was built from the drawn η
+
+
 def test_step_size_key_keeps_the_checkpoint_folders_of_older_runs():
     older = _nem_config(None)
     del older["network"]["step_size"]
