@@ -168,7 +168,8 @@ def network_spec(config):
     spec = network_config(network["layers"] or network["name"])
     if not spec["use_NEM_formulation"]:
         raise ConfigError(f"Invalid configuration network.step_size={step_size!r}: it applies to N-EM networks "
-                          f"only (network.name='NEM' or layers with use_NEM_formulation), not {network['name']!r}.")
+                          f"only (network.name='NEM' or layers with use_NEM_formulation), not "
+                          f"{'the given network.layers' if network['layers'] else repr(network['name'])}.")
     if step_size == "uniform":
         step_size = float(np.random.default_rng(config["seed"]).uniform(-math.sqrt(3), math.sqrt(3)))
     elif isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size):

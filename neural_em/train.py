@@ -9,6 +9,7 @@ import numpy as np
 
 from neural_em import experiment, observers, plots, training
 from neural_em.data.pipeline import dataset_info
+from neural_em.model.networks import NEMStep
 
 ex = experiment.make_experiment("neural_em_train")
 
@@ -22,10 +23,10 @@ def train(_config, _run, seed):
     info = dataset_info(path)
     _, noise_type = experiment.resolved_settings(config, info)
     model = experiment.make_model(config, info)
-    network = experiment.network_spec(config)
-    if isinstance(network, dict) and "step_size" in network:
-        _run.info["initial_step_size"] = network["step_size"]  # 'uniform' draws it: record what was drawn
-        print(f"N-EM step size η starts at {network['step_size']:.4f}.")
+    if isinstance(model.cell.inner, NEMStep):
+        step_size = model.cell.inner.initial_step_size
+        _run.info["initial_step_size"] = step_size  # network.step_size='uniform' draws it: record what was drawn
+        print(f"N-EM step size η starts at {step_size:.4f}.")
     if config["init_weights"]:
         experiment.build(model, info.frames)
         model.load_weights(config["init_weights"])
