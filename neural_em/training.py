@@ -6,7 +6,8 @@ step)`` callable, so the loop can be used and tested on its own.
 A checkpoint folder holds
   ``last.keras``         model and optimizer after the last finished epoch,
   ``best.weights.h5``    weights of the epoch with the lowest validation loss,
-  ``state.json``         epoch, early-stopping counters, best scores, history.
+  ``state.json``         epoch, early-stopping counters, best scores, history
+                         (per-epoch losses, validation scores and, for N-EM, η).
 Each file is written beside its final name and renamed, so a run killed at any
 moment leaves the previous epoch's checkpoint intact; training started again on
 the same folder goes on from there.
@@ -143,6 +144,13 @@ class CheckpointState:
         _atomic_write_text(self.path, json.dumps(self.data, indent=1, allow_nan=True))
 
 
+def learned_step_size(model):
+    """N-EM's current step size η as a float, or None for a model whose M-step has none."""
+    inner = getattr(getattr(model, "cell", None), "inner", None)
+    step_size = getattr(inner, "step_size", None)
+    return None if step_size is None else float(keras.ops.convert_to_numpy(step_size))
+
+
 class EpochEnd(keras.callbacks.Callback):
     """Scores, logs, checkpoints and early-stops at the end of every epoch.
 
@@ -193,10 +201,13 @@ class EpochEnd(keras.callbacks.Callback):
             logs["val_ami_last"] = float(np.mean(scores["ami_last"]))
             logs["val_ari"] = float(np.mean(scores["ari_weighted"]))
             logs["val_confidence"] = float(np.mean(scores["confidence"]))
+        step_size = learned_step_size(self.model)
+        if step_size is not None:
+            logs["step_size"] = step_size  # where N-EM's η goes from its start is part of the N-EM finding
         if self.params.get("verbose"):
-            scores = ", ".join(f"{name}={logs[name]:.4f}" for name in ("val_ami", "val_ari") if name in logs)
-            if scores:
-                print(f"Epoch {epoch + 1} validation scores: {scores}")
+            shown = [name for name in ("val_ami", "val_ari", "step_size") if name in logs]
+            if shown:
+                print(f"Epoch {epoch + 1}: " + ", ".join(f"{name}={logs[name]:.4f}" for name in shown))
         for name, value in logs.items():
             value = float(value)
             self.log_metric(name, value, epoch + 1)

@@ -163,6 +163,11 @@ def test_training_records_the_drawn_step_size(tmp_path, monkeypatch, tiny_shapes
     assert run.info["initial_step_size"] == drawn
     first_epoch = keras.saving.load_model(tmp_path / "ckpt" / training.LAST_MODEL)
     assert first_epoch.cell.inner.initial_step_size == drawn  # the model was built from the drawn η
+    # η after each epoch is on record, and it is the trained one, not the start
+    history = json.loads((tmp_path / "ckpt" / training.STATE).read_text())["history"]
+    assert history["step_size"] == [pytest.approx(training.learned_step_size(first_epoch))]
+    assert history["step_size"][0] != drawn
+    assert training.learned_step_size(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0)) is None
 
 
 def test_step_size_key_keeps_the_checkpoint_folders_of_older_runs():
