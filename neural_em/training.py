@@ -24,6 +24,7 @@ import numpy as np
 
 from neural_em import metrics
 from neural_em.model.losses import intra_cluster_loss
+from neural_em.model.networks import NEMStep
 from neural_em.data.pipeline import H5Batches, make_tf_dataset
 
 LAST_MODEL = "last.keras"
@@ -146,9 +147,8 @@ class CheckpointState:
 
 def learned_step_size(model):
     """N-EM's current step size η as a float, or None for a model whose M-step has none."""
-    inner = getattr(getattr(model, "cell", None), "inner", None)
-    step_size = getattr(inner, "step_size", None)
-    return None if step_size is None else float(keras.ops.convert_to_numpy(step_size))
+    inner = model.cell.inner
+    return float(keras.ops.convert_to_numpy(inner.step_size)) if isinstance(inner, NEMStep) else None
 
 
 class EpochEnd(keras.callbacks.Callback):
