@@ -5,7 +5,8 @@
     python -m neural_em.runs --db postgresql://user@host/db --show 7
 
 The table has one line per run: its data set, network, number of components
-k, status, the number of epochs (entries of the metric ``val_loss``) and the
+k, seed (runs that differ only in it are the repeats a ± over runs comes
+from), status, the number of epochs (entries of the metric ``val_loss``) and the
 best AMI (the run's result when it is a number, else the maximum of the metric
 ``val_ami``). A value a run did not record prints as ``-``.
 """
@@ -84,7 +85,7 @@ def run_table_rows(runs, summaries):
     Returns:
         A header row followed by one row per run.
     """
-    header = ["id", "dataset", "network", "k", "status", "epochs", "best AMI", "started (UTC)"]
+    header = ["id", "dataset", "network", "k", "seed", "status", "epochs", "best AMI", "started (UTC)"]
     rows = [header]
     for run in runs:
         config = run["config"] or {}
@@ -95,6 +96,7 @@ def run_table_rows(runs, summaries):
             _format(_lookup(config, "dataset", "name")),
             _format(_lookup(config, "network", "name")),
             _format(_lookup(config, "k")),
+            _format(_lookup(config, "seed")),
             _format(run["status"]),
             _format(epochs),
             _format(best_ami(run["result"], metrics.get(AMI_METRIC))),

@@ -108,8 +108,8 @@ def test_runs_cli_lists_and_shows_the_run(db_url, tmp_path, capsys):
     listing = subprocess.run([sys.executable, "-m", "neural_em.runs", "--db", db_url],
                              cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
     header, row = listing.splitlines()
-    assert header.split()[:7] == ["id", "dataset", "network", "k", "status", "epochs", "best"]
-    assert row.split()[:7] == [str(run._id), "shapes", "NEM", "4", "COMPLETED", "3", "0.625"]
+    assert header.split()[:8] == ["id", "dataset", "network", "k", "seed", "status", "epochs", "best"]
+    assert row.split()[:8] == [str(run._id), "shapes", "NEM", "4", str(run.config["seed"]), "COMPLETED", "3", "0.625"]
 
     assert runs.main(["--db", db_url, "--show", str(run._id)]) == 0
     shown = capsys.readouterr().out
@@ -199,11 +199,11 @@ def test_unknown_run_and_artifact_are_lookup_errors(tmp_path):
 
 def test_table_prints_dash_for_missing_keys_and_falls_back_to_val_ami():
     recorded = [
-        {"id": 1, "status": "COMPLETED", "config": {"dataset": {"name": "shapes"}}, "result": {"not": "a number"},
+        {"id": 1, "status": "COMPLETED", "config": {"dataset": {"name": "shapes"}, "seed": 3}, "result": {"not": "a number"},
          "start_time": None},
         {"id": 2, "status": "RUNNING", "config": None, "result": None, "start_time": None},
     ]
     summaries = {1: {"val_ami": {"count": 3, "max": 0.6}, "val_loss": {"count": 3, "max": 0.9}}}
     _, first, second = runs.run_table_rows(recorded, summaries)
-    assert first == ["1", "shapes", "-", "-", "COMPLETED", "3", "0.600", "-"]
-    assert second == ["2", "-", "-", "-", "RUNNING", "-", "-", "-"]
+    assert first == ["1", "shapes", "-", "-", "3", "COMPLETED", "3", "0.600", "-"]
+    assert second == ["2", "-", "-", "-", "-", "RUNNING", "-", "-", "-"]

@@ -170,6 +170,30 @@ def test_training_records_the_drawn_step_size(tmp_path, monkeypatch, tiny_shapes
     assert training.learned_step_size(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0)) is None
 
 
+def test_the_seed_decides_the_run(tmp_path, monkeypatch, tiny_shapes):
+    """Weights, γ's start, data order and noise all follow the config's seed, so a run repeats exactly."""
+    from neural_em.train import ex
+
+    monkeypatch.chdir(tmp_path)
+
+    def trained(seed, name):
+        updates = {"dataset.path": str(tiny_shapes), "seed": seed, "k": 2, "training.max_epochs": 1,
+                   "checkpoint_dir": str(tmp_path / name),
+                   **{key: _parse(value) for key, value in (update.split("=", 1) for update in TINY)}}
+        ex.run(config_updates=updates, options={"--unobserved": True})
+        model = keras.saving.load_model(tmp_path / name / training.LAST_MODEL)
+        return model.get_weights(), json.loads((tmp_path / name / training.STATE).read_text())["history"]
+
+    first_weights, first_history = trained(3, "first")
+    again_weights, again_history = trained(3, "again")
+    other_weights, other_history = trained(4, "other")
+    assert again_history == first_history
+    for first, again in zip(first_weights, again_weights, strict=True):
+        np.testing.assert_array_equal(again, first)
+    assert other_history["val_loss"] != first_history["val_loss"]
+    assert not np.array_equal(other_weights[0], first_weights[0])
+
+
 def test_step_size_key_keeps_the_checkpoint_folders_of_older_runs():
     older = _nem_config(None)
     del older["network"]["step_size"]
