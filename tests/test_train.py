@@ -151,14 +151,19 @@ def test_nem_step_size_starts_where_the_config_says():
         experiment.network_spec(_nem_config("fast"))
 
 
-def test_training_records_the_drawn_step_size(tmp_path, monkeypatch, tiny_shapes):
+def _train_one_epoch_in_process(data, checkpoint_dir, updates):
+    """One epoch of ``train`` on the tiny data set, in this process and unobserved; returns the Sacred run."""
     from neural_em.train import ex
 
+    config = {"dataset.path": str(data), "k": 2, "training.max_epochs": 1, "checkpoint_dir": str(checkpoint_dir),
+              **{key: _parse(value) for key, value in (update.split("=", 1) for update in TINY)}, **updates}
+    return ex.run(config_updates=config, options={"--unobserved": True})
+
+
+def test_training_records_the_drawn_step_size(tmp_path, monkeypatch, tiny_shapes):
     monkeypatch.chdir(tmp_path)
-    updates = {"dataset.path": str(tiny_shapes), "network.name": "NEM", "network.step_size": "uniform", "seed": 3,
-               "k": 2, "training.max_epochs": 1, "checkpoint_dir": str(tmp_path / "ckpt"),
-               **{key: _parse(value) for key, value in (update.split("=", 1) for update in TINY)}}
-    run = ex.run(config_updates=updates, options={"--unobserved": True})
+    run = _train_one_epoch_in_process(tiny_shapes, tmp_path / "ckpt",
+                                      {"network.name": "NEM", "network.step_size": "uniform", "seed": 3})
     drawn = experiment.network_spec(_nem_config("uniform", seed=3))["step_size"]
     assert run.info["initial_step_size"] == drawn
     first_epoch = keras.saving.load_model(tmp_path / "ckpt" / training.LAST_MODEL)
@@ -172,15 +177,10 @@ def test_training_records_the_drawn_step_size(tmp_path, monkeypatch, tiny_shapes
 
 def test_the_seed_decides_the_run(tmp_path, monkeypatch, tiny_shapes):
     """Weights, γ's start, data order and noise all follow the config's seed, so a run repeats exactly."""
-    from neural_em.train import ex
-
     monkeypatch.chdir(tmp_path)
 
     def trained(seed, name):
-        updates = {"dataset.path": str(tiny_shapes), "seed": seed, "k": 2, "training.max_epochs": 1,
-                   "checkpoint_dir": str(tmp_path / name),
-                   **{key: _parse(value) for key, value in (update.split("=", 1) for update in TINY)}}
-        ex.run(config_updates=updates, options={"--unobserved": True})
+        _train_one_epoch_in_process(tiny_shapes, tmp_path / name, {"seed": seed})
         model = keras.saving.load_model(tmp_path / name / training.LAST_MODEL)
         return model.get_weights(), json.loads((tmp_path / name / training.STATE).read_text())["history"]
 
