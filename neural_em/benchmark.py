@@ -377,7 +377,7 @@ def parameter_shapes(plan):
             shapes[f"{layer.name}/kernel"] = (in_size, out_size)
             shapes[f"{layer.name}/bias"] = (out_size,)
         elif kind in ("conv", "r_conv"):
-            prefix, norm_shape = f"{layer.name}_ln", layer.output_shape
+            prefix, norm_shape = f"{layer.name}_ln", (out_size,)
             shapes[f"{layer.name}/kernel"] = tuple(spec.get("kernel", (4, 4))) + (in_size, out_size)
             shapes[f"{layer.name}/bias"] = (out_size,)
         else:
@@ -476,10 +476,10 @@ def _activate(x, name):
     return functions[name](x)
 
 
-def _layer_norm(x, gamma, beta, axes, epsilon=1e-3):
-    """Layer norm over ``axes`` with Keras' default epsilon."""
+def _layer_norm(x, gamma, beta, epsilon=1e-12):
+    """Layer norm as slim's: statistics over all non-batch axes, scale and offset per channel."""
     tf = _tensorflow()
-    mean, variance = tf.nn.moments(x, axes, keepdims=True)
+    mean, variance = tf.nn.moments(x, list(range(1, len(x.shape))), keepdims=True)
     return (x - mean) * tf.math.rsqrt(variance + epsilon) * gamma + beta
 
 
@@ -506,34 +506,34 @@ def _reference_layer(params, layer, x):
         return tf.reshape(x, (-1,) + layer.output_shape)
     if kind == "fc":
         x = tf.matmul(x, params[f"{name}/kernel"]) + params[f"{name}/bias"]
-        norm_axes = [-1]
     else:
         stride = tuple(spec.get("stride", (1, 1)))
         if kind == "r_conv":
             x = _nearest_upsample(x, layer.input_shape, stride)
             stride = (1, 1)
         x = tf.nn.conv2d(x, params[f"{name}/kernel"], stride, "SAME") + params[f"{name}/bias"]
-        norm_axes = [-3, -2, -1]
     if spec.get("ln", False):
-        x = _layer_norm(x, params[f"{name}_ln/gamma"], params[f"{name}_ln/beta"], norm_axes)
+        x = _layer_norm(x, params[f"{name}_ln/gamma"], params[f"{name}_ln/beta"])
     return _activate(x, spec.get("act", "linear"))
 
 
 def _reference_recurrent(params, spec, x, h):
-    """h' = act(LN(W·x + b + R·h)): x (N, in), h (N, units) -> (N, units)."""
+    """s = W·x + b + R·h; output act(LN(s)), state act(s): x (N, in), h (N, units) -> both (N, units)."""
     tf = _tensorflow()
     pre_activation = (tf.matmul(x, params["recurrent/input_kernel/kernel"]) + params["recurrent/input_kernel/bias"]
                       + tf.matmul(h, params["recurrent/recurrent_kernel/kernel"]))
-    if spec.get("ln", False):
-        pre_activation = _layer_norm(pre_activation, params["recurrent/ln/gamma"], params["recurrent/ln/beta"], [-1])
-    return _activate(pre_activation, spec.get("act", "sigmoid"))
+    state = _activate(pre_activation, spec.get("act", "sigmoid"))
+    if not spec.get("ln", False):
+        return state, state
+    normed = _layer_norm(pre_activation, params["recurrent/ln/gamma"], params["recurrent/ln/beta"])
+    return _activate(normed, spec.get("act", "sigmoid")), state
 
 
 def reference_inner_network(params, plan, x, h):
     """The M-step network: x (N, H·W·C), h (N, units) -> ψ (N, H·W·C), h' (N, units)."""
     for layer in plan:
         if layer.name == "recurrent":
-            h = x = _reference_recurrent(params, layer.spec, x, h)
+            x, h = _reference_recurrent(params, layer.spec, x, h)
         else:
             x = _reference_layer(params, layer, x)
     return x, h

@@ -13,7 +13,7 @@ import tensorflow as tf
 from neural_em.model import losses
 from neural_em.model.cell import EMCell, e_step, split_states
 from neural_em.model.nem import NeuralEM, build
-from neural_em.model.networks import PRESETS, build_inner_network, network_config
+from neural_em.model.networks import PRESETS, LayerNorm, RecurrentLayer, build_inner_network, network_config
 
 IMAGE = (6, 5, 1)
 
@@ -157,6 +157,43 @@ def test_bad_network_configs_are_rejected():
         build_inner_network(config, 30).build((None, 30))
     with pytest.raises(ValueError, match="k .* must be >= 1"):
         EMCell("shapes", IMAGE, k=0)
+
+
+def test_layer_norm_is_slims_per_sample_statistics_with_per_channel_scale():
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(2, 5, 4, 3)).astype("float32")
+    norm = LayerNorm()
+    norm.build(x.shape)
+    assert [tuple(w.shape) for w in norm.weights] == [(3,), (3,)]  # one scale and offset per channel
+    gamma, beta = np.array([0.5, 1.0, 2.0], "float32"), np.array([0.0, -1.0, 1.0], "float32")
+    norm.set_weights([gamma, beta])
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)  # one mean and variance per sample, over H, W and C
+    expected = (x - mean) / np.sqrt(x.var(axis=(1, 2, 3), keepdims=True) + 1e-12) * gamma + beta
+    np.testing.assert_allclose(np.asarray(norm(x)), expected, rtol=1e-4, atol=1e-5)
+    # Every LN of the convolutional presets is this layer, so their scales have C entries.
+    net = build_inner_network("flying_shapes", 784)
+    net.build((None, 784))
+    scales = {w.path.split("/")[-2]: tuple(w.shape) for w in net.weights if w.name == "gamma"}
+    assert scales == {"conv_1_ln": (32,), "conv_2_ln": (64,), "fc_4_ln": (512,), "ln": (100,),
+                      "fc_5_ln": (512,), "fc_6_ln": (3136,), "r_conv_8_ln": (32,)}
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_recurrent_layer_normalises_its_output_but_not_the_state_that_recurs(layer_norm):
+    rng = np.random.default_rng(0)
+    x, h = rng.normal(size=(2, 6)).astype("float32"), rng.uniform(size=(2, 4)).astype("float32")
+    layer = RecurrentLayer(4, "sigmoid", layer_norm)
+    layer.build(x.shape)
+    output, state = (np.asarray(t) for t in layer(x, h))
+    kernel, bias, recurrent = (np.asarray(w) for w in layer.weights[:3])
+    pre_activation = x @ kernel + bias + h @ recurrent
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    np.testing.assert_allclose(state, sigmoid(pre_activation), rtol=1e-5)
+    if layer_norm:  # the published code's LayerNormWrapper(apply_to='output') inside the state's activation
+        mean, var = pre_activation.mean(-1, keepdims=True), pre_activation.var(-1, keepdims=True)
+        np.testing.assert_allclose(output, sigmoid((pre_activation - mean) / np.sqrt(var + 1e-12)), rtol=1e-4)
+        assert not np.allclose(output, state)
+    else:
+        np.testing.assert_array_equal(output, state)
 
 
 def test_nem_step_is_gradient_ascent_with_tied_weights():

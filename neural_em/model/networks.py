@@ -15,7 +15,13 @@ A layer spec is a dict with a ``name`` and its arguments:
 * ``{'name': 'r_conv', ...}``: nearest-neighbour resize by ``stride`` then a
   stride-1 convolution (not a transposed convolution: no checkerboards).
 * ``{'name': 'rnn', 'size': 250, 'act': 'sigmoid', 'ln': False}``:
-  h' = act(LN(W·x + R·h + b)), layer norm on the sum, not on R·h alone.
+  the state h' = act(W·x + R·h + b) and, to the decoder, act(LN(W·x + R·h + b)):
+  as in the published code, layer norm acts on the output, not on the
+  state that recurs.
+
+``'ln': True`` puts a :class:`LayerNorm` between a layer and its activation,
+as the published code does (``slim.layer_norm``: one mean and variance per
+sample, a scale and an offset per channel).
 
 ``use_NEM_formulation: True`` selects N-EM: the real gradient-ascent M-step
 with tied weights (:class:`NEMStep`), not an RNN under another name.
@@ -129,6 +135,41 @@ class InputNorm(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="neural_em")
+class LayerNorm(keras.layers.Layer):
+    """Layer norm as the published code's ``slim.layer_norm``.
+
+    Statistics over all of a sample's values (for a feature map: H, W and C
+    together), then a learnt scale and offset per channel. Keras'
+    ``LayerNormalization(axis=(-3, -2, -1))`` would instead learn a scale and
+    offset per position, and adds ε = 1e-3 where slim adds 1e-12.
+
+    Args:
+        epsilon: added to the variance.
+    """
+
+    def __init__(self, epsilon=1e-12, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(shape=(channels,), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
+
+    def call(self, x):
+        axes = tuple(range(1, len(x.shape)))
+        mean = ops.mean(x, axis=axes, keepdims=True)  # (N, 1, …, 1)
+        variance = ops.var(x, axis=axes, keepdims=True)  # (N, 1, …, 1)
+        return (x - mean) * ops.rsqrt(variance + self.epsilon) * self.gamma + self.beta  # (N, …, C)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package="neural_em")
 class NearestUpsample(keras.layers.Layer):
     """Nearest-neighbour resize by integer factors, as a broadcast multiply.
 
@@ -159,12 +200,22 @@ class NearestUpsample(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="neural_em")
 class RecurrentLayer(keras.layers.Layer):
-    """h' = act(LN(W·x + R·h + b)): the RNN layer of the published networks.
+    """The RNN layer of the published networks (TF1's ``BasicRNNCell`` in wrappers).
+
+    With s = W·x + R·h + b, the new state is act(s) and the output passed on
+    to the decoder is act(LN(s)). The published code wraps the cell so that
+    layer norm touches its output only; the state that recurs is not
+    normalised. Without layer norm, output and state are the same.
 
     Args:
         units: size of the hidden state θ.
         activation: name of the activation (sigmoid in every paper network).
-        layer_norm: whether to layer-normalise the pre-activation.
+        layer_norm: whether to layer-normalise the output's pre-activation.
+
+    Call:
+        x: (N, inputs); h: previous state, (N, units).
+    Returns:
+        (output (N, units), new state (N, units)).
     """
 
     def __init__(self, units, activation="sigmoid", layer_norm=False, **kwargs):
@@ -175,7 +226,7 @@ class RecurrentLayer(keras.layers.Layer):
         self.activation = _activation(activation)
         self.input_dense = keras.layers.Dense(units, name="input_kernel")
         self.recurrent_dense = keras.layers.Dense(units, use_bias=False, name="recurrent_kernel")
-        self.norm = keras.layers.LayerNormalization(name="ln") if layer_norm else None
+        self.norm = LayerNorm(name="ln") if layer_norm else None
 
     def build(self, input_shape):
         # Glorot-uniform over the joint [W; R] matrix, as TF1's BasicRNNCell of the published
@@ -190,9 +241,10 @@ class RecurrentLayer(keras.layers.Layer):
 
     def call(self, x, h):
         pre_activation = self.input_dense(x) + self.recurrent_dense(h)  # (N, units)
-        if self.norm is not None:
-            pre_activation = self.norm(pre_activation)
-        return self.activation(pre_activation)
+        state = self.activation(pre_activation)  # (N, units)
+        if self.norm is None:
+            return state, state
+        return self.activation(self.norm(pre_activation)), state
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "activation": self.activation_name,
@@ -217,7 +269,6 @@ def _feed_forward_layer(spec, num_pixel_values, index):
     layers = []
     if kind == "fc":
         layers.append(keras.layers.Dense(size, name=prefix))
-        norm_axes = -1
     else:
         stride = tuple(spec.get("stride", (1, 1)))
         kernel = tuple(spec.get("kernel", (4, 4)))
@@ -225,9 +276,8 @@ def _feed_forward_layer(spec, num_pixel_values, index):
             layers.append(NearestUpsample(stride, name=f"{prefix}_up"))
             stride = (1, 1)
         layers.append(keras.layers.Conv2D(size, kernel, strides=stride, padding="same", name=prefix))
-        norm_axes = (-3, -2, -1)
     if spec.get("ln", False):
-        layers.append(keras.layers.LayerNormalization(axis=norm_axes, name=f"{prefix}_ln"))
+        layers.append(LayerNorm(name=f"{prefix}_ln"))
     layers.append(keras.layers.Activation(_activation(spec.get("act", "linear")), name=f"{prefix}_act"))
     return layers
 
@@ -279,8 +329,7 @@ class InnerNetwork(keras.layers.Layer):
     def call(self, x, h, training=None):
         for layer in self.encoder:
             x = layer(x)
-        h_new = self.recurrent(x, h)  # (N, units)
-        y = h_new
+        y, h_new = self.recurrent(x, h)  # (N, units) each
         for layer in self.decoder:
             y = layer(y)
         return y, h_new  # (N, H·W·C), (N, units)
