@@ -169,6 +169,10 @@ def test_layer_norm_is_slims_per_sample_statistics_with_per_channel_scale():
     mean = x.mean(axis=(1, 2, 3), keepdims=True)  # one mean and variance per sample, over H, W and C
     expected = (x - mean) / np.sqrt(x.var(axis=(1, 2, 3), keepdims=True) + 1e-12) * gamma + beta
     np.testing.assert_allclose(np.asarray(norm(x)), expected, rtol=1e-4, atol=1e-5)
+    # Under mixed precision the statistics stay in float32, so ε = 1e-12 still guards a flat sample.
+    half = LayerNorm(dtype="mixed_float16")
+    flat = np.asarray(half(np.ones((1, 4, 4, 3), "float16")))
+    assert flat.dtype == np.float16 and np.all(flat == 0)
     # Every LN of the convolutional presets is this layer, so their scales have C entries.
     net = build_inner_network("flying_shapes", 784)
     net.build((None, 784))

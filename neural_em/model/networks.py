@@ -157,10 +157,13 @@ class LayerNorm(keras.layers.Layer):
         self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
 
     def call(self, x):
+        dtype = x.dtype
+        x = ops.cast(x, "float32")  # under mixed precision ε = 1e-12 would vanish in float16
         axes = tuple(range(1, len(x.shape)))
         mean = ops.mean(x, axis=axes, keepdims=True)  # (N, 1, …, 1)
         variance = ops.var(x, axis=axes, keepdims=True)  # (N, 1, …, 1)
-        return (x - mean) * ops.rsqrt(variance + self.epsilon) * self.gamma + self.beta  # (N, …, C)
+        normed = (x - mean) * ops.rsqrt(variance + self.epsilon)  # (N, …, C)
+        return ops.cast(normed * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32"), dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
