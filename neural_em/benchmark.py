@@ -368,23 +368,23 @@ def parameter_shapes(plan):
         kind, spec = layer.spec["name"], layer.spec
         in_size, out_size = layer.input_shape[-1], layer.output_shape[-1]
         if layer.name == "recurrent":
-            prefix, norm_shape = "recurrent/ln", (out_size,)
+            prefix = "recurrent/ln"
             shapes["recurrent/input_kernel/kernel"] = (in_size, out_size)
             shapes["recurrent/input_kernel/bias"] = (out_size,)
             shapes["recurrent/recurrent_kernel/kernel"] = (out_size, out_size)
         elif kind == "fc":
-            prefix, norm_shape = f"{layer.name}_ln", (out_size,)
+            prefix = f"{layer.name}_ln"
             shapes[f"{layer.name}/kernel"] = (in_size, out_size)
             shapes[f"{layer.name}/bias"] = (out_size,)
         elif kind in ("conv", "r_conv"):
-            prefix, norm_shape = f"{layer.name}_ln", (out_size,)
+            prefix = f"{layer.name}_ln"
             shapes[f"{layer.name}/kernel"] = tuple(spec.get("kernel", (4, 4))) + (in_size, out_size)
             shapes[f"{layer.name}/bias"] = (out_size,)
         else:
             continue
-        if spec.get("ln", False):
-            shapes[f"{prefix}/gamma"] = norm_shape
-            shapes[f"{prefix}/beta"] = norm_shape
+        if spec.get("ln", False):  # slim's layer norm: a scale and an offset per channel
+            shapes[f"{prefix}/gamma"] = (out_size,)
+            shapes[f"{prefix}/beta"] = (out_size,)
     return shapes
 
 
