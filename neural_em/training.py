@@ -271,7 +271,14 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
     folder.mkdir(parents=True, exist_ok=True)
     state = CheckpointState(folder)
     if (folder / LAST_MODEL).exists() and state["epoch"] > 0:
-        model = keras.models.load_model(folder / LAST_MODEL)  # with its optimizer state
+        try:
+            model = keras.models.load_model(folder / LAST_MODEL)  # with its optimizer state
+        except ValueError as error:
+            raise ValueError(
+                f"Cannot resume from {folder / LAST_MODEL} (epoch {state['epoch']}): {error}\n"
+                "The checkpoint is damaged or was written by a model this code builds differently (another "
+                "network, or another version of neural_em); it is left as it is. Resume it with the code that "
+                "wrote it, or give a new checkpoint_dir to start afresh.") from error
         if verbose:
             print(f"Resuming from {folder / LAST_MODEL} after epoch {state['epoch']}.")
     else:

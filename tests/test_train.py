@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -229,6 +230,21 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best_checkpoint(tmp_p
     restored = build(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2))
     restored.load_weights(tmp_path / training.BEST_WEIGHTS)
     assert all(np.all(np.isfinite(w)) for w in restored.get_weights())
+
+
+def test_a_checkpoint_that_cannot_be_loaded_is_named_and_left_alone(tmp_path):
+    features = (np.random.default_rng(0).random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
+    batch = {"features": features, "noisy": features}
+    training.train(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0), tmp_path, batch, None,
+                   max_epochs=1, patience=3, verbose=0)
+    last, state = tmp_path / training.LAST_MODEL, tmp_path / training.STATE
+    damaged = last.read_bytes()[: last.stat().st_size // 2]  # e.g. a copy cut short
+    last.write_bytes(damaged)
+    state_before = state.read_text()
+    with pytest.raises(ValueError, match=f"(?s)Cannot resume from {re.escape(str(last))} \\(epoch 1\\).*left as it is"):
+        training.train(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0), tmp_path, batch, None,
+                       max_epochs=2, patience=3, verbose=0)
+    assert last.read_bytes() == damaged and state.read_text() == state_before
 
 
 def test_time_limit_pauses_after_an_epoch_and_the_next_call_goes_on(tmp_path):
