@@ -12,8 +12,9 @@ Which model: ``run_id`` names a training run in the run database; its best
 weights and its whole configuration are used, and only the values given on this
 command line (``k=5``, ``dataset.flying_shapes_5``, a config file, ...) replace
 the trained ones. Naming another data set without ``dataset.path`` drops the
-training run's data set file too. ``weights`` instead takes a weights file, and
-the model settings then come from this command line alone. Weights do not
+training run's data set file too. ``weights`` instead takes a weights file
+(``best.weights.h5``, or a checkpoint folder's ``last.keras`` to score the last
+finished epoch), and the model settings then come from this command line alone. Weights do not
 depend on K or on the number of steps, so both can change freely.
 
 Scores (SPEC §6): per image and step, the predicted cluster of a pixel is
@@ -49,6 +50,8 @@ from neural_em.data.store import open_dataset
 
 TRAIN_EXPERIMENT = "neural_em_train"
 WEIGHTS_ARTIFACT = "best.weights.h5"
+# Keras loads the weights from both; a .keras checkpoint's optimizer state is not needed and not read.
+WEIGHTS_SUFFIXES = (".weights.h5", ".keras")
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".pickle")
 
 ex = experiment.make_experiment("neural_em_evaluate")
@@ -57,7 +60,7 @@ ex = experiment.make_experiment("neural_em_evaluate")
 @ex.config
 def evaluation_config():
     run_id = None  # a training run in the run database: its configuration and best weights
-    weights = None  # or a *.weights.h5 file; the model settings then come from this command line
+    weights = None  # or a *.weights.h5 file or a last.keras checkpoint; model settings then from this command line
     db = None  # database of run_id and figure5_runs; None: the one this run is recorded in, else runs/neural_em.db
     split = "test"  # data set split to score
     max_sequences = None  # score only the first n sequences of the split; None: all
@@ -188,8 +191,8 @@ def resolve_model(config, run, own_keys, scratch_dir):
     Returns:
         A ModelSource.
     Raises:
-        ConfigError: neither or both of run_id and weights, a missing weights file, or a run that is
-            not a training run.
+        ConfigError: neither or both of run_id and weights, a missing weights file or one that is neither
+            *.weights.h5 nor *.keras, or a run that is not a training run.
         LookupError: no such run, or a run without a weights artifact.
     """
     run_id, weights = config["run_id"], config["weights"]
@@ -198,9 +201,13 @@ def resolve_model(config, run, own_keys, scratch_dir):
             f"Give exactly one of run_id (a training run in the run database) and weights (a *.weights.h5 file); "
             f"got run_id={run_id!r}, weights={weights!r}.")
     if weights is not None:
+        if not str(weights).endswith(WEIGHTS_SUFFIXES):
+            raise experiment.ConfigError(
+                f"Invalid configuration weights={weights!r}: expected a file written by training, either the "
+                "best weights (*.weights.h5) or the last checkpoint (last.keras).")
         if not Path(weights).is_file():
             raise experiment.ConfigError(f"Invalid configuration weights={weights!r}: no such file; expected a "
-                                         "weights file written by training (best.weights.h5).")
+                                         "file written by training (best.weights.h5 or last.keras).")
         return ModelSource(config, Path(weights), None)
     if isinstance(run_id, bool) or not isinstance(run_id, int):
         raise experiment.ConfigError(f"Invalid configuration run_id={run_id!r}: expected an integer run id.")

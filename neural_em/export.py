@@ -47,7 +47,7 @@ ex = experiment.make_experiment("neural_em_export")
 @ex.config
 def export_config():
     run_id = None  # a training run in the run database: its configuration and best weights
-    weights = None  # or a *.weights.h5 file; the model settings then come from this command line
+    weights = None  # or a *.weights.h5 file or a last.keras checkpoint; model settings then from this command line
     db = None  # database holding run_id; None: the one this run is recorded in, else runs/neural_em.db
     export_dir = None  # None: runs/exports/<run or weights>_k<k>_s<steps>
     frames = None  # T of the serving input; None: the data set's (1 for static images)
@@ -142,7 +142,7 @@ def _default_export_dir(source, config, steps):
     if source.training_run is not None:
         name = f"run{source.training_run['id']}"
     else:
-        name = source.weights.name.removesuffix(".h5").removesuffix(".weights")
+        name = source.weights.name.removesuffix(".keras").removesuffix(".h5").removesuffix(".weights")
     return Path("runs/exports") / f"{name}_k{config['k']}_s{steps}"
 
 

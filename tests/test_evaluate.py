@@ -180,6 +180,24 @@ def test_weights_file_evaluation_of_sequences_draws_an_animation(flying, tmp_pat
     _assert_picture_shows_something(tmp_path / "overview.png")
 
 
+def test_a_last_keras_checkpoint_scores_as_the_weights_it_holds(trained, tmp_path):
+    # After one epoch the last checkpoint and the best weights hold the same model; a checkpoint whose
+    # weights were not read would score as the untrained initialisation instead.
+    folder = trained.folder / "checkpoints"
+    settings = {"dataset.path": str(trained.data), "k": 2, "nr_steps": 2, "plots": False}
+    scores = {}
+    for name in ("last.keras", "best.weights.h5"):
+        evaluate.ex.run(config_updates={**QUIET, **settings, "weights": str(folder / name),
+                                        "output_dir": str(tmp_path / name)}, options={"--unobserved": True})
+        scores[name] = _load_scores(tmp_path / name)
+    untrained = build(NeuralEM("shapes", dataset_info(trained.data).image_shape, k=2, seed=0), frames=1)
+    untrained.save_weights(tmp_path / "untrained.weights.h5")
+    evaluate.ex.run(config_updates={**QUIET, **settings, "weights": str(tmp_path / "untrained.weights.h5"),
+                                    "output_dir": str(tmp_path / "untrained")}, options={"--unobserved": True})
+    np.testing.assert_array_equal(scores["last.keras"]["ami"], scores["best.weights.h5"]["ami"])
+    assert not np.array_equal(scores["last.keras"]["ami"], _load_scores(tmp_path / "untrained")["ami"])
+
+
 def test_figure5_from_recorded_evaluations(trained, tmp_path):
     ids = [_evaluate(trained.db, run_id=trained.run_id, k=k, max_sequences=16, plots=False,
                      output_dir=str(tmp_path / f"k{k}"))._id for k in (1, 4)]
@@ -223,6 +241,7 @@ def test_a_run_that_is_not_a_training_run_is_refused(trained, tmp_path):
 
 @pytest.mark.parametrize("updates,message", [
     ({"weights": "/nonexistent/best.weights.h5"}, "weights='/nonexistent/best.weights.h5': no such file"),
+    ({"weights": "model.h5"}, "weights='model.h5': expected a file written by training, .*weights.h5.*last.keras"),
     ({}, "exactly one of run_id .* and weights"),
     ({"run_id": 1, "weights": "x.weights.h5"}, "exactly one of run_id .* and weights"),
     ({"run_id": "latest"}, "run_id='latest': expected an integer"),

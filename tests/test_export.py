@@ -4,11 +4,12 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from neural_em import experiment, export, observers
+from neural_em import evaluate, experiment, export, observers
 from neural_em.data import registry
 from neural_em.data.pipeline import dataset_info
 from neural_em.data.store import open_dataset
@@ -108,3 +109,9 @@ def test_missing_weights_file_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(experiment.ConfigError, match="weights='/nonexistent/a.weights.h5': no such file"):
         export.ex.run(config_updates={"weights": "/nonexistent/a.weights.h5"}, options={"--unobserved": True})
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("weights,name", [("ckpt/best.weights.h5", "best_k3_s20"), ("ckpt/last.keras", "last_k3_s20")])
+def test_default_export_folder_is_named_after_the_weights_file(weights, name):
+    source = evaluate.ModelSource(config=None, weights=Path(weights), training_run=None)
+    assert export._default_export_dir(source, {"k": 3}, steps=20) == Path("runs/exports") / name
