@@ -14,8 +14,8 @@ command line (``k=5``, ``dataset.flying_shapes_5``, a config file, ...) replace
 the trained ones. Naming another data set without ``dataset.path`` drops the
 training run's data set file too. ``weights`` instead takes a weights file
 (``best.weights.h5``, or a checkpoint folder's ``last.keras`` to score the last
-finished epoch), and the model settings then come from this command line alone. Weights do not
-depend on K or on the number of steps, so both can change freely.
+finished epoch), and the model settings then come from this command line alone.
+Weights do not depend on K or on the number of steps, so both can change freely.
 
 Scores (SPEC §6): per image and step, the predicted cluster of a pixel is
 argmax_k γ; AMI, ARI and confidence are taken over the pixels whose true group
@@ -198,7 +198,8 @@ def resolve_model(config, run, own_keys, scratch_dir):
     run_id, weights = config["run_id"], config["weights"]
     if (run_id is None) == (weights is None):
         raise experiment.ConfigError(
-            f"Give exactly one of run_id (a training run in the run database) and weights (a *.weights.h5 file); "
+            f"Give exactly one of run_id (a training run in the run database) and weights (a *.weights.h5 file "
+            "or a last.keras checkpoint); "
             f"got run_id={run_id!r}, weights={weights!r}.")
     if weights is not None:
         if not str(weights).endswith(WEIGHTS_SUFFIXES):

@@ -142,7 +142,9 @@ def _default_export_dir(source, config, steps):
     if source.training_run is not None:
         name = f"run{source.training_run['id']}"
     else:
-        name = source.weights.name.removesuffix(".keras").removesuffix(".h5").removesuffix(".weights")
+        name = source.weights.name
+        for suffix in evaluate.WEIGHTS_SUFFIXES:
+            name = name.removesuffix(suffix)
     return Path("runs/exports") / f"{name}_k{config['k']}_s{steps}"
 
 
