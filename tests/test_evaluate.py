@@ -185,17 +185,17 @@ def test_a_last_keras_checkpoint_scores_as_the_weights_it_holds(trained, tmp_pat
     # weights were not read would score as the untrained initialisation instead.
     folder = trained.folder / "checkpoints"
     settings = {"dataset.path": str(trained.data), "k": 2, "nr_steps": 2, "plots": False}
-    scores = {}
-    for name in ("last.keras", "best.weights.h5"):
-        evaluate.ex.run(config_updates={**QUIET, **settings, "weights": str(folder / name),
-                                        "output_dir": str(tmp_path / name)}, options={"--unobserved": True})
-        scores[name] = _load_scores(tmp_path / name)
     untrained = build(NeuralEM("shapes", dataset_info(trained.data).image_shape, k=2, seed=0), frames=1)
     untrained.save_weights(tmp_path / "untrained.weights.h5")
-    evaluate.ex.run(config_updates={**QUIET, **settings, "weights": str(tmp_path / "untrained.weights.h5"),
-                                    "output_dir": str(tmp_path / "untrained")}, options={"--unobserved": True})
-    np.testing.assert_array_equal(scores["last.keras"]["ami"], scores["best.weights.h5"]["ami"])
-    assert not np.array_equal(scores["last.keras"]["ami"], _load_scores(tmp_path / "untrained")["ami"])
+    weights = {"last.keras": folder / "last.keras", "best.weights.h5": folder / "best.weights.h5",
+               "untrained": tmp_path / "untrained.weights.h5"}
+    scores = {}
+    for name, path in weights.items():
+        evaluate.ex.run(config_updates={**QUIET, **settings, "weights": str(path),
+                                        "output_dir": str(tmp_path / name)}, options={"--unobserved": True})
+        scores[name] = _load_scores(tmp_path / name)["ami"]
+    np.testing.assert_array_equal(scores["last.keras"], scores["best.weights.h5"])
+    assert not np.array_equal(scores["last.keras"], scores["untrained"])
 
 
 def test_figure5_from_recorded_evaluations(trained, tmp_path):
