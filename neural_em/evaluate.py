@@ -321,7 +321,8 @@ def summarize(scores):
     Returns:
         dict: for each SUMMARY_ROWS name, {'mean', 'std'} over sequences; 'per_step' with lists
         (one entry per step) 'ami_q25', 'ami_median', 'ami_q75', 'ami_mean', 'upper_bound_bce';
-        'num_sequences' and 'steps'; 'by_occlusion' (see ``split_by_occlusion``).
+        'num_sequences' and 'steps'; 'by_occlusion' (see ``split_by_occlusion``); 'objects_last_step'
+        (see ``object_errors``).
     """
     summary = {}
     for name, key, _ in SUMMARY_ROWS:
@@ -334,7 +335,23 @@ def summarize(scores):
     }
     summary["num_sequences"], summary["steps"] = scores["ami"].shape
     summary["by_occlusion"] = split_by_occlusion(scores)
+    summary["objects_last_step"] = object_errors(scores)
     return summary
+
+
+def object_errors(scores):
+    """At the last step, the share of objects split over components and of those merged with another.
+
+    Returns:
+        dict with 'objects' (the count over all sequences) and 'split', 'merged' (shares of it;
+        None without objects, and without the counts, in scores saved before they existed).
+    """
+    if "objects" not in scores:
+        return {"objects": 0, "split": None, "merged": None}
+    total = int(scores["objects"][:, -1].sum())
+    shares = {name: float(scores[f"objects_{name}"][:, -1].sum() / total) if total else None
+              for name in ("split", "merged")}
+    return {"objects": total, **shares}
 
 
 def split_by_occlusion(scores):
@@ -366,6 +383,10 @@ def format_report(summary, title):
         part = summary["by_occlusion"][name]
         mean = "-" if part["ami_last_mean"] is None else f"{part['ami_last_mean']:.4f}"
         lines.append(f"{'AMI (last step), ' + label:<40}{mean:>10}  ({part['count']} of {total} sequences)")
+    errors = summary["objects_last_step"]
+    for name, label in (("split", "objects split (last step)"), ("merged", "objects merged (last step)")):
+        if errors[name] is not None:
+            lines.append(f"{label:<40}{errors[name]:>10.4f}  (share of {errors['objects']} objects)")
     per_step = summary["per_step"]
     lines += ["", f"{'step':>4}{'AMI q25':>10}{'median':>10}{'q75':>10}{'BCE':>10}"]
     for step in range(summary["steps"]):

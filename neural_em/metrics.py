@@ -23,6 +23,7 @@ _MAX_TABLE_ENTRIES = 1 << 22  # bound on rows x R x C per contingency chunk
 _MAX_CHUNK_PIXELS = 1 << 21  # bound on rows x P per contingency chunk
 _MAX_LABEL_RANGE = 1 << 10  # wider ranges of label values are compacted with np.unique
 _MAX_EMI_TERMS = 1 << 20  # bound on the n_ij terms summed per EMI chunk
+SPLIT_SHARE = 0.8  # an object is split when no component holds this share of its pixels
 
 
 def _check_labels(true_labels, pred_labels, mask):
@@ -357,7 +358,10 @@ def grouping_scores(groups, gamma, *, average_method="max", ignore_background=Tr
           'ami', 'ari': float64 per image, as scikit-learn computes them;
           'confidence': mean of max_k γ over the scored pixels, 1.0 where no pixel
             is scored (like AMI and ARI, an empty set counts as certain);
-          'num_scored': int number of scored pixels, to find or drop empty images.
+          'num_scored': int number of scored pixels, to find or drop empty images;
+          'objects', 'objects_split', 'objects_merged': int counts of the scored true groups,
+            of those split over components and of those merged with another (see
+            ``object_errors_of_tables``), which tell two kinds of poor AMI apart.
     """
     groups, gamma = np.asarray(groups), np.asarray(gamma)
     if gamma.ndim not in (5, 6) or gamma.shape[-1] != 1:
@@ -396,8 +400,39 @@ def grouping_scores(groups, gamma, *, average_method="max", ignore_background=Tr
         "confidence": confidence,
         "num_scored": num_scored,
     }
+    scores.update(object_errors_of_tables(tables))
     out_shape = (batch, steps) if sequence else (batch,)
     return {name: value.reshape(out_shape) for name, value in scores.items()}
+
+
+def object_errors_of_tables(tables, split_share=SPLIT_SHARE):
+    """How a grouping fails, per image: objects cut into pieces and objects lumped together.
+
+    AMI alone does not say whether a poor grouping splits objects over components
+    (e.g. along a fixed line across the image) or puts several objects into one.
+    Each true group's main component is the one holding most of its scored pixels.
+
+    Args:
+        tables: int (B, R, C) contingency tables (true groups x predicted clusters), as
+            ``contingency_tables`` returns them; all-zero rows are groups an image lacks.
+        split_share: an object is split when its main component holds less than this
+            share of its pixels.
+    Returns:
+        dict of int64 (B,): 'objects', the true groups present; 'objects_split', those
+        whose main component holds less than ``split_share`` of them; 'objects_merged',
+        those whose main component is also the main component of another object.
+    """
+    tables = np.asarray(tables)
+    sizes = tables.sum(axis=2)  # (B, R)
+    present = sizes > 0  # (B, R)
+    main = tables.argmax(axis=2)  # (B, R)
+    main_share = tables.max(axis=2) / np.maximum(sizes, 1)  # (B, R)
+    split = present & (main_share < split_share)  # (B, R)
+    both_present = present[:, :, None] & present[:, None, :]  # (B, R, R)
+    shares_main = (main[:, :, None] == main[:, None, :]) & both_present  # (B, R, R), diagonal included
+    merged = present & (shares_main.sum(axis=2) > 1)  # (B, R)
+    return {name: value.sum(axis=1, dtype=np.int64)
+            for name, value in (("objects", present), ("objects_split", split), ("objects_merged", merged))}
 
 
 def sequence_scores(per_step_scores, step_weights):

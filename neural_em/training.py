@@ -62,6 +62,9 @@ def score_model(model, batches, *, average_method="max", max_batches=None):
     return with_sequence_scores(scores, weights)
 
 
+OBJECT_COUNTS = ("objects", "objects_split", "objects_merged")  # from metrics.grouping_scores
+
+
 def score_batch(model, batch, average_method="max"):
     """Per-step scores of one batch with 'features', 'noisy' and 'groups'.
 
@@ -70,7 +73,8 @@ def score_batch(model, batch, average_method="max"):
 
     Returns:
         (scores, outputs): scores holds (B, S) arrays 'ami', 'ari', 'confidence', 'upper_bound_bce',
-        'occluded_pixels' (pixels of the scored frame where objects overlap, see ``metrics.occluded_pixels``);
+        'occluded_pixels' (pixels of the scored frame where objects overlap, see ``metrics.occluded_pixels``),
+        and the OBJECT_COUNTS (objects, and those split or merged, see ``metrics.object_errors_of_tables``);
         outputs the arrays 'gamma', 'psi', 'targets' and 'groups' (see ``Evaluation.example``).
     """
     outputs = model.predict_on_batch(batch)
@@ -78,7 +82,7 @@ def score_batch(model, batch, average_method="max"):
     groups = np.asarray(model.em_targets(batch["groups"]))  # (B, S, H, W, 1)
     targets = np.asarray(model.em_targets(batch["features"]))  # (B, S, H, W, C)
     grouping = metrics.grouping_scores(groups, gamma, average_method=average_method)
-    scores = {name: grouping[name] for name in ("ami", "ari", "confidence")}
+    scores = {name: grouping[name] for name in ("ami", "ari", "confidence", *OBJECT_COUNTS)}
     scores["upper_bound_bce"] = upper_bound_per_sequence(psi, targets, model.distribution)
     scores["occluded_pixels"] = metrics.occluded_pixels(targets, groups)  # (B, S)
     return scores, dict(gamma=gamma, psi=psi, targets=targets, groups=groups)

@@ -84,6 +84,13 @@ def test_evaluation_of_a_training_run_is_recorded_with_scores_and_pictures(train
     assert by_occlusion["unoccluded"]["count"] == (~occluded).sum() > 0
     assert by_occlusion["occluded"]["ami_last_mean"] == pytest.approx(scores["ami_last"][occluded].mean())
     assert by_occlusion["unoccluded"]["ami_last_mean"] == pytest.approx(scores["ami_last"][~occluded].mean())
+    # Every image shows 1-3 of its 3 objects (overlap can hide one); merging takes two of them.
+    assert np.all((1 <= scores["objects"]) & (scores["objects"] <= 3))
+    assert np.all((0 <= scores["objects_split"]) & (scores["objects_split"] <= scores["objects"]))
+    assert np.all((scores["objects_merged"] != 1) & (scores["objects_merged"] <= scores["objects"]))
+    errors = info["summary"]["objects_last_step"]
+    assert errors["objects"] == scores["objects"][:, -1].sum()
+    assert errors["merged"] == pytest.approx(scores["objects_merged"][:, -1].sum() / errors["objects"])
 
     assert {"scores.npz", "ami_per_step.png", "overview.png", "summary.json"} <= set(
         observers.run_artifacts(trained.db, run._id))
@@ -265,3 +272,19 @@ def test_occlusion_split_of_a_summary_by_hand():
     scores["occluded_pixels"] = np.zeros_like(ami, dtype=int)
     assert evaluate.summarize(scores)["by_occlusion"]["occluded"] == {"count": 0, "ami_last_mean": None}
     assert "(0 of 3 sequences)" in evaluate.format_report(evaluate.summarize(scores), "title")
+
+
+def test_object_errors_of_a_summary_by_hand():
+    ami = np.array([[0.1, 0.2], [0.3, 0.9]])  # (N=2, S=2)
+    scores = {"ami": ami, "ari": ami, "confidence": np.ones_like(ami), "upper_bound_bce": np.ones_like(ami),
+              "occluded_pixels": np.zeros_like(ami, dtype=int)}
+    scores = training.with_sequence_scores(scores, [0.0, 1.0])
+    # Scores saved before the object counts existed still summarise.
+    assert evaluate.summarize(scores)["objects_last_step"] == {"objects": 0, "split": None, "merged": None}
+    assert "objects split" not in evaluate.format_report(evaluate.summarize(scores), "title")
+    scores.update(objects=np.array([[3, 3], [2, 2]]), objects_split=np.array([[3, 1], [0, 0]]),
+                  objects_merged=np.array([[0, 0], [2, 2]]))  # only the last step counts
+    summary = evaluate.summarize(scores)
+    assert summary["objects_last_step"] == {"objects": 5, "split": pytest.approx(0.2), "merged": pytest.approx(0.4)}
+    report = evaluate.format_report(summary, "title")
+    assert "objects split (last step)" in report and "(share of 5 objects)" in report

@@ -229,6 +229,24 @@ def test_grouping_scores_static_by_hand():
                                                           (0.6 + 0.7 + 0.99 + 0.8 + 0.9 + 0.8) / 6])
 
 
+def test_object_errors_by_hand():
+    groups, gamma = _hand_made_images()
+    scores = grouping_scores(groups, gamma)
+    # Image 0 is grouped perfectly; image 1 puts both objects into one cluster, whole.
+    np.testing.assert_array_equal(scores["objects"], [2, 2])
+    np.testing.assert_array_equal(scores["objects_split"], [0, 0])
+    np.testing.assert_array_equal(scores["objects_merged"], [0, 2])
+
+    tables = np.array([[[8, 2, 0],  # main cluster 0 holds 80%: whole
+                        [0, 3, 4],  # main cluster 2 holds 4/7 < 80%: split
+                        [0, 0, 6],  # main cluster 2 again: merged with the row above
+                        [0, 0, 0]]])  # a group this image lacks
+    errors = metrics.object_errors_of_tables(tables)
+    assert {name: value.tolist() for name, value in errors.items()} == {
+        "objects": [3], "objects_split": [1], "objects_merged": [2]}
+    assert metrics.object_errors_of_tables(tables, split_share=0.81)["objects_split"].tolist() == [2]
+
+
 def test_grouping_scores_sequences_and_shared_ground_truth():
     groups, gamma = _hand_made_images()
     steps = 3
