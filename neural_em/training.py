@@ -48,7 +48,7 @@ def score_model(model, batches, *, average_method="max", max_batches=None):
 
     Returns:
         dict of per-sequence arrays: per step (N, S) 'ami', 'ari', 'confidence',
-        'upper_bound_bce' and 'occluded_pixels', and (N,) the weighted (loss step weights) and
+        'upper_bound_bce', 'occluded_pixels' and the OBJECT_COUNTS, and (N,) the weighted (loss step weights) and
         last-step scores that ``with_sequence_scores`` adds.
     """
     per_batch, weights = [], None

@@ -18,7 +18,8 @@ STATIC_SHAPES_NEM_SEED3 = RESULTS / "static_shapes_nem_k4_seed3"
 
 
 @pytest.mark.parametrize("folder, network, k", [(STATIC_SHAPES, "shapes", 3), (STATIC_SHAPES_NEM, "NEM", 4),
-                                                (STATIC_SHAPES_NEM_SEED1, "NEM", 4), (STATIC_SHAPES_NEM_SEED3, "NEM", 4)],
+                                                (STATIC_SHAPES_NEM_SEED1, "NEM", 4),
+                                                (STATIC_SHAPES_NEM_SEED3, "NEM", 4)],
                          ids=["rnn_em", "nem", "nem_seed1", "nem_seed3"])
 def test_static_shapes_checkpoint_groups_fresh_images(tmp_path, folder, network, k):
     if not folder.is_dir():
