@@ -15,12 +15,14 @@ STATIC_SHAPES = RESULTS / "static_shapes_rnn_em_k3_seed0"
 STATIC_SHAPES_NEM = RESULTS / "static_shapes_nem_k4_seed0"
 STATIC_SHAPES_NEM_SEED1 = RESULTS / "static_shapes_nem_k4_seed1"
 STATIC_SHAPES_NEM_SEED3 = RESULTS / "static_shapes_nem_k4_seed3"
+STATIC_SHAPES_NEM_SEED4 = RESULTS / "static_shapes_nem_k4_seed4"
 
 
 @pytest.mark.parametrize("folder, network, k", [(STATIC_SHAPES, "shapes", 3), (STATIC_SHAPES_NEM, "NEM", 4),
                                                 (STATIC_SHAPES_NEM_SEED1, "NEM", 4),
-                                                (STATIC_SHAPES_NEM_SEED3, "NEM", 4)],
-                         ids=["rnn_em", "nem", "nem_seed1", "nem_seed3"])
+                                                (STATIC_SHAPES_NEM_SEED3, "NEM", 4),
+                                                (STATIC_SHAPES_NEM_SEED4, "NEM", 4)],
+                         ids=["rnn_em", "nem", "nem_seed1", "nem_seed3", "nem_seed4"])
 def test_static_shapes_checkpoint_groups_fresh_images(tmp_path, folder, network, k):
     if not folder.is_dir():
         pytest.skip(f"no committed checkpoint {folder.name}")
