@@ -11,19 +11,14 @@ from neural_em.data import registry
 from neural_em.model.nem import NeuralEM, build
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-STATIC_SHAPES = RESULTS / "static_shapes_rnn_em_k3_seed0"
-STATIC_SHAPES_NEM = RESULTS / "static_shapes_nem_k4_seed0"
-STATIC_SHAPES_NEM_SEED1 = RESULTS / "static_shapes_nem_k4_seed1"
-STATIC_SHAPES_NEM_SEED3 = RESULTS / "static_shapes_nem_k4_seed3"
-STATIC_SHAPES_NEM_SEED4 = RESULTS / "static_shapes_nem_k4_seed4"
+# (folder, network, K); N-EM seed 2 is left out: its AMI rises by less than the 0.2 asserted below over the steps.
+CHECKPOINTS = [("static_shapes_rnn_em_k3_seed0", "shapes", 3),
+               *[(f"static_shapes_nem_k4_seed{seed}", "NEM", 4) for seed in (0, 1, 3, 4)]]
 
 
-@pytest.mark.parametrize("folder, network, k", [(STATIC_SHAPES, "shapes", 3), (STATIC_SHAPES_NEM, "NEM", 4),
-                                                (STATIC_SHAPES_NEM_SEED1, "NEM", 4),
-                                                (STATIC_SHAPES_NEM_SEED3, "NEM", 4),
-                                                (STATIC_SHAPES_NEM_SEED4, "NEM", 4)],
-                         ids=["rnn_em", "nem", "nem_seed1", "nem_seed3", "nem_seed4"])
-def test_static_shapes_checkpoint_groups_fresh_images(tmp_path, folder, network, k):
+@pytest.mark.parametrize("name, network, k", CHECKPOINTS, ids=[name for name, _, _ in CHECKPOINTS])
+def test_static_shapes_checkpoint_groups_fresh_images(tmp_path, name, network, k):
+    folder = RESULTS / name
     if not folder.is_dir():
         pytest.skip(f"no committed checkpoint {folder.name}")
     state = json.loads((folder / training.STATE).read_text())
