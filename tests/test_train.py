@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -267,6 +268,23 @@ def test_time_limit_pauses_after_an_epoch_and_the_next_call_goes_on(tmp_path):
     assert state["epoch"] == 3 and state["finished"]
     assert state["stop_reason"] == "reached max_epochs=3"
     assert len(state["history"]["loss"]) == 3
+
+
+def test_best_weights_leave_out_the_optimizer_and_reload_to_the_trained_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    features = (rng.random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
+    batch = {"features": features, "noisy": features}
+    model, _ = training.train(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0), tmp_path, batch, None,
+                              max_epochs=2, patience=3, verbose=0)
+    with h5py.File(tmp_path / training.BEST_WEIGHTS) as saved:
+        assert "optimizer" not in saved and "cell" in saved
+    # Adam keeps two moments per weight: the model with its optimizer is about three times the size.
+    assert (tmp_path / training.LAST_MODEL).stat().st_size > 2.5 * (tmp_path / training.BEST_WEIGHTS).stat().st_size
+
+    restored = build(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=1))  # another initialisation
+    restored.load_weights(tmp_path / training.BEST_WEIGHTS)
+    for loaded, trained in zip(restored.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(loaded, trained)
 
 
 def test_few_hundred_steps_lower_the_loss_and_lift_ami_above_chance(tmp_path):
