@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import keras
@@ -19,6 +20,7 @@ from neural_em.data.pipeline import dataset_info
 from neural_em.model.nem import NeuralEM, build
 from neural_em.model.networks import build_inner_network
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ["training.batch_size=16", "nr_steps=2", "scoring.valid_sequences=16", "training.verbose=0"]
 
 
@@ -90,6 +92,52 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_shapes):
     state = json.loads((folder / training.STATE).read_text())
     assert state["epoch"] == 3 and state["finished"]
     assert len(state["history"]["val_loss"]) == 3
+
+
+def test_gpu_machine_script_trains_under_jax_without_tensorflow_and_brings_the_checkpoint_back(
+        tmp_path, tiny_shapes):
+    """scripts/device.sh as on the GPU machine (JAX, no TensorFlow): train, pause, bring back, go on."""
+    pytest.importorskip("jax")
+    blocker = tmp_path / "no_tensorflow" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('tensorflow is not installed on this machine')\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "DEVICE_PART_BYTES": "500000",  # last.keras in parts
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]),
+           "PYTHONPATH": os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")])}
+    script = ROOT / "scripts" / "device.sh"
+    updates = [f"dataset.path={tiny_shapes}", "k=2", *TINY, "training.verbose=1", "training.max_epochs=2"]
+
+    def device(*args, out):
+        out.mkdir()
+        done = subprocess.run(["bash", script, *map(str, args)], cwd=tmp_path, env={**env, "OUT": str(out)},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    # A time limit pauses the first call after one epoch; what comes back goes on in another folder.
+    device("train", "1e-9", tmp_path / "there", *updates, out=tmp_path / "out1")
+    assert (tmp_path / "out1" / "checkpoint" / "last.keras.part01").exists()
+    assert "Paused" in (tmp_path / "out1" / "train.log").read_text()
+    here = tmp_path / "here"
+    device("restore", tmp_path / "out1", here, out=tmp_path / "unused")
+    for name in (training.LAST_MODEL, training.BEST_WEIGHTS, training.STATE):
+        assert (here / name).read_bytes() == (tmp_path / "there" / name).read_bytes()
+    done = device("train", "None", here, *updates, out=tmp_path / "out2")
+    assert "Resuming from" in done.stdout and "after epoch 1" in done.stdout
+    state = json.loads((here / training.STATE).read_text())
+    assert state["epoch"] == 2 and len(state["history"]["val_loss"]) == 2
+
+    # The old checkpoint does not overwrite the newer one.
+    refused = subprocess.run(["bash", script, "restore", tmp_path / "out1", here], capture_output=True, text=True)
+    assert refused.returncode == 1 and "at epoch 2, past the 1 brought back" in refused.stderr
+    assert json.loads((here / training.STATE).read_text())["epoch"] == 2
+
+    # Trained under JAX, the weights load here under TensorFlow.
+    info = dataset_info(tiny_shapes)
+    trained = build(NeuralEM("shapes", info.image_shape, k=2, nr_steps=2, seed=1))
+    trained.load_weights(here / training.BEST_WEIGHTS)
+    untrained = build(NeuralEM("shapes", info.image_shape, k=2, nr_steps=2, seed=1))
+    assert any(not np.array_equal(a, b) for a, b in zip(trained.get_weights(), untrained.get_weights()))
 
 
 def test_stage_wise_training_starts_from_given_weights(tmp_path, tiny_shapes):
