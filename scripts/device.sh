@@ -3,7 +3,7 @@
 #
 #   bash scripts/device.sh wheels
 #       Here, once: download into .whl/ the wheels that machine lacks, at the versions installed in
-#       .venv, built for its Python 3.12. Name .whl in the device call's carry (about 7 MB).
+#       .venv, built for its Python 3.12. Name .whl in the device call's carry (about 8 MB).
 #   bash scripts/device.sh train MINUTES CHECKPOINT_DIR [Sacred updates...]
 #       There, in the repository root: install the carried wheels (when ./.whl is there), train under
 #       KERAS_BACKEND=jax with training.time_limit_minutes=MINUTES, then copy the checkpoint's weights
