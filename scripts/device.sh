@@ -76,13 +76,15 @@ epoch_of() {
 
 restore() {
     [ $# -eq 2 ] || usage
-    local from=$1/checkpoint folder=$2 part name
+    local from=$1/checkpoint folder=$2 part name ours theirs
     [ -d "$from" ] || { echo "device.sh restore: no folder $from (what did the call bring back?)" >&2; exit 1; }
     [ -f "$from/state.json" ] || { echo "device.sh restore: $from holds no state.json" >&2; exit 1; }
-    if [ -f "$folder/state.json" ] && [ "$(epoch_of "$folder/state.json")" -gt "$(epoch_of "$from/state.json")" ]; then
-        echo "device.sh restore: $folder is at epoch $(epoch_of "$folder/state.json"), past the" \
-             "$(epoch_of "$from/state.json") brought back; left as it is" >&2
-        exit 1
+    if [ -f "$folder/state.json" ]; then
+        ours=$(epoch_of "$folder/state.json") theirs=$(epoch_of "$from/state.json")
+        if [ "$ours" -gt "$theirs" ]; then
+            echo "device.sh restore: $folder is at epoch $ours, past the $theirs brought back; left as it is" >&2
+            exit 1
+        fi
     fi
     mkdir -p "$folder"
     for part in "$from"/*; do

@@ -107,11 +107,12 @@ def test_gpu_machine_script_trains_under_jax_without_tensorflow_and_brings_the_c
     script = ROOT / "scripts" / "device.sh"
     updates = [f"dataset.path={tiny_shapes}", "k=2", *TINY, "training.verbose=1", "training.max_epochs=2"]
 
-    def device(*args, out):
-        out.mkdir()
+    def device(*args, out=None, returncode=0):
+        if out:
+            out.mkdir()
         done = subprocess.run(["bash", script, *map(str, args)], cwd=tmp_path, env={**env, "OUT": str(out)},
                               capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.returncode == returncode, done.stdout + done.stderr
         return done
 
     # A time limit pauses the first call after one epoch; what comes back goes on in another folder.
@@ -119,7 +120,7 @@ def test_gpu_machine_script_trains_under_jax_without_tensorflow_and_brings_the_c
     assert (tmp_path / "out1" / "checkpoint" / "last.keras.part01").exists()
     assert "Paused" in (tmp_path / "out1" / "train.log").read_text()
     here = tmp_path / "here"
-    device("restore", tmp_path / "out1", here, out=tmp_path / "unused")
+    device("restore", tmp_path / "out1", here)
     for name in (training.LAST_MODEL, training.BEST_WEIGHTS, training.STATE):
         assert (here / name).read_bytes() == (tmp_path / "there" / name).read_bytes()
     done = device("train", "None", here, *updates, out=tmp_path / "out2")
@@ -127,10 +128,12 @@ def test_gpu_machine_script_trains_under_jax_without_tensorflow_and_brings_the_c
     state = json.loads((here / training.STATE).read_text())
     assert state["epoch"] == 2 and len(state["history"]["val_loss"]) == 2
 
-    # The old checkpoint does not overwrite the newer one.
-    refused = subprocess.run(["bash", script, "restore", tmp_path / "out1", here], capture_output=True, text=True)
-    assert refused.returncode == 1 and "at epoch 2, past the 1 brought back" in refused.stderr
+    # The old checkpoint does not overwrite the newer one; a folder with nothing brought back is named.
+    refused = device("restore", tmp_path / "out1", here, returncode=1)
+    assert "at epoch 2, past the 1 brought back" in refused.stderr
     assert json.loads((here / training.STATE).read_text())["epoch"] == 2
+    missing = device("restore", tmp_path / "nothing", here, returncode=1)
+    assert f"no folder {tmp_path / 'nothing' / 'checkpoint'}" in missing.stderr
 
     # Trained under JAX, the weights load here under TensorFlow.
     info = dataset_info(tiny_shapes)
