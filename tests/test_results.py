@@ -11,9 +11,8 @@ from neural_em.data import registry
 from neural_em.model.nem import NeuralEM, build
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-# (folder, network, K); N-EM seed 2 and RNN-EM seed 3 (22 epochs so far) are left out: their AMI rises by less
-# than the 0.2 asserted below over the steps.
-CHECKPOINTS = [*[(f"static_shapes_rnn_em_k3_seed{seed}", "shapes", 3) for seed in (0, 1, 2)],
+# (folder, network, K); N-EM seed 2 is left out: its AMI rises by less than the 0.2 asserted below over the steps.
+CHECKPOINTS = [*[(f"static_shapes_rnn_em_k3_seed{seed}", "shapes", 3) for seed in (0, 1, 2, 3)],
                *[(f"static_shapes_nem_k4_seed{seed}", "NEM", 4) for seed in (0, 1, 3, 4)]]
 
 
