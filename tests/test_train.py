@@ -187,6 +187,23 @@ def _nem_config(step_size, seed=0):
             "network": {"name": "NEM", "layers": None, "step_size": step_size}}
 
 
+# The paper's appendix A: flying MNIST trains with learning rate 0.0005, "from the second stage
+# onwards in case of stage-wise training"; everything else with Adam's default 0.001.
+PAPER_LEARNING_RATES = {"flying_mnist_direct": 0.0005, "flying_mnist_stage2_500": 0.0005,
+                        "flying_mnist_stage3_all": 0.0005}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "sacred_configs").glob("*.yaml")), ids=lambda path: path.stem)
+def test_experiment_config_files_are_valid_and_use_the_papers_learning_rate(path):
+    ex = experiment.make_experiment("config_file_check")
+    ex.main(lambda _config: _config)
+    # The stage files start from the previous stage's weights, which a fresh checkout lacks.
+    config = ex.run(named_configs=[str(path)], config_updates={"init_weights": None},
+                    options={"--unobserved": True}).result
+    experiment.check_config(config)
+    assert config["training"]["learning_rate"] == PAPER_LEARNING_RATES.get(path.stem, 0.001)
+
+
 def test_nem_step_size_starts_where_the_config_says():
     assert experiment.network_spec(_nem_config(None)) == "NEM"  # the preset, η starting at 1.0
     net = build_inner_network(experiment.network_spec(_nem_config(-0.5)), 784)
