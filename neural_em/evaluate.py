@@ -269,6 +269,16 @@ class Evaluation(NamedTuple):
     example: dict
 
 
+def group_threshold(path):
+    """The grey value above which the data set's generator gave a pixel to an object (0 if none).
+
+    Grey MNIST strokes fainter than it have group 0 although no two digits overlap there,
+    so the occlusion split (``split_by_occlusion``) must not count them.
+    """
+    with open_dataset(path) as data:
+        return float(data.attrs.get("options", {}).get("group_threshold", 0.0))
+
+
 def evaluate_model(model, path, split="test", *, batch_size=100, max_sequences=None, noise_type="bitflip",
                    noise_prob=0.1, seed=0, average_method="max", progress=True):
     """Scores a model on a data set split (SPEC §6), a batch at a time.
@@ -289,10 +299,11 @@ def evaluate_model(model, path, split="test", *, batch_size=100, max_sequences=N
     batches = training.make_batches(path, split, batch_size, shuffle=False, seed=seed, with_groups=True,
                                     max_sequences=max_sequences, noise_type=noise_type, noise_prob=noise_prob,
                                     static_steps=model.nr_steps, reshuffle_each_iteration=False)
+    overlap_threshold = group_threshold(path)
     per_batch, example = [], None
     for batch in tqdm(batches, total=len(batches), desc=f"evaluating {split}", unit="batch", disable=not progress):
         batch = {name: np.asarray(value) for name, value in batch.items()}
-        batch_scores, outputs = training.score_batch(model, batch, average_method)
+        batch_scores, outputs = training.score_batch(model, batch, average_method, overlap_threshold)
         per_batch.append(batch_scores)
         if example is None:
             frames = batch["features"].shape[1]

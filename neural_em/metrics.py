@@ -459,7 +459,7 @@ def sequence_scores(per_step_scores, step_weights):
     return {"weighted": weighted, "last": per_step_scores[:, -1]}
 
 
-def occluded_pixels(features, groups):
+def occluded_pixels(features, groups, threshold=0.0):
     """Per image, the pixels that show an object but belong to no single object.
 
     Ground truth marks pixels covered by two or more objects with group 0, like the
@@ -467,8 +467,11 @@ def occluded_pixels(features, groups):
     the ones where grouping is ambiguous, so results are worth splitting by them.
 
     Args:
-        features: (..., H, W, C) clean images; a pixel shows something when any channel is not 0.
+        features: (..., H, W, C) clean images; a pixel shows something when any channel exceeds
+            `threshold`.
         groups: (..., H, W, 1) ground truth, 0 for background and overlap.
+        threshold: the value above which the data set's generator gave a pixel to an object
+            (flying MNIST's `group_threshold`): fainter strokes have group 0 without any overlap.
     Returns:
         int64 array of the leading shape (...): the count of pixels that show something
         and have group 0.
@@ -477,6 +480,6 @@ def occluded_pixels(features, groups):
     if groups.ndim < 3 or groups.shape[-1] != 1 or features.shape[:-1] != groups.shape[:-1]:
         raise ValueError(f"features (..., H, W, C) and groups (..., H, W, 1) must agree, "
                          f"got {features.shape} and {groups.shape}")
-    shows_something = np.any(features != 0, axis=-1)  # (..., H, W)
+    shows_something = np.any(features > threshold, axis=-1)  # (..., H, W)
     occluded = shows_something & (groups[..., 0] == 0)  # (..., H, W)
     return occluded.sum(axis=(-2, -1), dtype=np.int64)

@@ -68,11 +68,12 @@ def score_model(model, batches, *, average_method="max", max_batches=None):
 OBJECT_COUNTS = ("objects", "objects_split", "objects_merged")  # from metrics.grouping_scores
 
 
-def score_batch(model, batch, average_method="max"):
+def score_batch(model, batch, average_method="max", overlap_threshold=0.0):
     """Per-step scores of one batch with 'features', 'noisy' and 'groups'.
 
     Static images are scored at every EM step against the same groups; sequences at
     step t against the groups of frame t + 1, the frame step t predicts.
+    ``overlap_threshold`` is passed to ``metrics.occluded_pixels``.
 
     Returns:
         (scores, outputs): scores holds (B, S) arrays 'ami', 'ari', 'confidence', 'upper_bound_bce',
@@ -87,7 +88,7 @@ def score_batch(model, batch, average_method="max"):
     grouping = metrics.grouping_scores(groups, gamma, average_method=average_method)
     scores = {name: grouping[name] for name in ("ami", "ari", "confidence", *OBJECT_COUNTS)}
     scores["upper_bound_bce"] = upper_bound_per_sequence(psi, targets, model.distribution)
-    scores["occluded_pixels"] = metrics.occluded_pixels(targets, groups)  # (B, S)
+    scores["occluded_pixels"] = metrics.occluded_pixels(targets, groups, overlap_threshold)  # (B, S)
     return scores, dict(gamma=gamma, psi=psi, targets=targets, groups=groups)
 
 

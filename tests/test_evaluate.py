@@ -288,3 +288,14 @@ def test_object_errors_of_a_summary_by_hand():
     assert summary["objects_last_step"] == {"objects": 5, "split": pytest.approx(0.2), "merged": pytest.approx(0.4)}
     report = evaluate.format_report(summary, "title")
     assert "objects split (last step)" in report and "(share of 5 objects)" in report
+
+
+def test_group_threshold_comes_from_the_data_set_file(tmp_path):
+    from tests.test_generators import write_idx
+    digits = np.random.default_rng(0).integers(0, 256, size=(30, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", digits)
+    grey = registry.generate("static_mnist_2", out=tmp_path / "mnist.h5", train=4, valid=4, test=4,
+                             mnist_dir=tmp_path, progress=False)
+    binary = registry.generate("shapes", out=tmp_path / "shapes.h5", train=4, valid=4, test=4, progress=False)
+    assert evaluate.group_threshold(grey) == 0.1
+    assert evaluate.group_threshold(binary) == 0.0

@@ -4,6 +4,7 @@ from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 from sklearn.metrics.cluster._expected_mutual_info_fast import expected_mutual_information
 
 from neural_em import metrics
+from neural_em.data import mnist
 from neural_em.metrics import (
     adjusted_mutual_info,
     adjusted_rand,
@@ -322,6 +323,18 @@ def test_occluded_pixels_by_hand():
     rgb = np.zeros((1, 2, 2, 3, 3))
     rgb[0, 1, 0, 0, 2] = 1.0
     np.testing.assert_array_equal(metrics.occluded_pixels(rgb, np.zeros((1, 2, 2, 3, 1), int)), [[0, 1]])
+
+
+def test_occluded_pixels_leave_out_strokes_fainter_than_the_group_threshold():
+    # Two grey digit layers composed as flying MNIST composes them: pixel 0 is a faint stroke of
+    # the first digit alone, pixel 1 is lit by both digits, pixel 2 by the second alone.
+    first = np.array([10, 200, 0], np.uint8).reshape(1, 1, 1, 3)  # (T, N, H, W)
+    second = np.array([0, 180, 90], np.uint8).reshape(1, 1, 1, 3)
+    features, groups = mnist.compose_grey([first, second], group_threshold=0.1)
+    np.testing.assert_array_equal(groups.ravel(), [0, 0, 2])
+    assert metrics.occluded_pixels(features / 255.0, groups, threshold=0.1).item() == 1
+    # Without the threshold the faint stroke counts as overlap too.
+    assert metrics.occluded_pixels(features / 255.0, groups).item() == 2
 
 
 def test_occluded_pixels_rejects_mismatched_shapes():
