@@ -94,7 +94,7 @@ def shared_config():
         "valid_sequences": 1000,  # validation subset scored (AMI, ARI) every epoch; 0: none
         "average_method": "max",  # AMI normaliser; 'max' is comparable with the paper
     }
-    init_weights = None  # weights file to start from (stage-wise training)
+    init_weights = None  # stage-wise training: *.weights.h5 (weights, fresh Adam) or *.keras (weights and Adam's state)
     checkpoint_dir = None  # None: runs/checkpoints/<data set>_<network>_k<k>_<config hash>
     resume = True  # go on from the checkpoint folder's last epoch
 
@@ -150,7 +150,7 @@ def check_config(config):
     if isinstance(weights, str) and weights not in ("last", "all"):
         fail("em.loss_step_weights", weights, "'last', 'all' or a list of numbers")
     if config.get("init_weights") is not None and not Path(config["init_weights"]).is_file():
-        fail("init_weights", config["init_weights"], "an existing weights file (*.weights.h5)")
+        fail("init_weights", config["init_weights"], "an existing weights file (*.weights.h5 or a *.keras model)")
     network_spec(config)
 
 

@@ -5,6 +5,7 @@ in another SQL database with ``--db URL``, or in MongoDB with Sacred's ``-m``.
 Run ``python -m neural_em.train print_config`` to see every setting.
 """
 
+import keras
 import numpy as np
 
 from neural_em import experiment, observers, plots, training
@@ -27,10 +28,15 @@ def train(_config, _run, seed):
         step_size = model.cell.inner.initial_step_size
         _run.info["initial_step_size"] = step_size  # network.step_size='uniform' draws it: record what was drawn
         print(f"N-EM step size η starts at {step_size:.4f}.")
+    optimizer_source = None
     if config["init_weights"]:
         experiment.build(model, info.frames)
         model.load_weights(config["init_weights"])
-        print(f"Starting from the weights in {config['init_weights']}.")
+        if config["init_weights"].endswith(".keras"):  # a whole model: Adam's state goes on too
+            optimizer_source = keras.models.load_model(config["init_weights"]).optimizer
+            print(f"Starting from the weights and Adam's state in {config['init_weights']}.")
+        else:
+            print(f"Starting from the weights in {config['init_weights']}.")
 
     run_cfg = config["training"]
     # Static images get fresh noise at every EM step, as in the published code.
@@ -61,6 +67,7 @@ def train(_config, _run, seed):
         average_method=config["scoring"]["average_method"], jit_compile=run_cfg["jit_compile"],
         verbose=run_cfg["verbose"],
         time_limit=None if run_cfg["time_limit_minutes"] is None else 60 * run_cfg["time_limit_minutes"],
+        optimizer_source=optimizer_source,
     )
     _run.info.update(epochs=state["epoch"], best_epoch=state["best_epoch"], stop_reason=state["stop_reason"])
 

@@ -266,9 +266,65 @@ class EpochEnd(keras.callbacks.Callback):
         self.state.save()
 
 
+SETTINGS_FREE_ON_RESUME = ("unroll",)  # how the loop is compiled, not what it computes
+
+
+def _check_resumed_settings(folder, model, resumed, learning_rate):
+    """Refuses to resume a checkpoint under other model settings or another learning rate.
+
+    The checkpoint's own model and optimizer would silently win, so a changed setting
+    (say ``em.inter_weight``) with an explicit ``checkpoint_dir`` would train on as before.
+    """
+    def canonical(value):  # the checkpoint's settings went through JSON: tuples came back as lists
+        return json.loads(json.dumps(value, default=str))
+
+    changed = {key: (resumed.settings.get(key), value) for key, value in model.settings.items()
+               if key not in SETTINGS_FREE_ON_RESUME and canonical(resumed.settings.get(key)) != canonical(value)}
+    saved_rate = float(keras.ops.convert_to_numpy(resumed.optimizer.learning_rate))
+    if not math.isclose(saved_rate, learning_rate, rel_tol=1e-6):
+        changed["learning_rate"] = (saved_rate, learning_rate)
+    if changed:
+        def show(value):
+            return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+        listed = "; ".join(f"{key}: {show(old)} in the checkpoint, {show(new)} now"
+                           for key, (old, new) in changed.items())
+        raise ValueError(
+            f"Cannot resume from {folder / LAST_MODEL}: it was trained with other settings ({listed}). "
+            "Resume it with the settings it was trained with, or give a new checkpoint_dir "
+            f"(with init_weights={folder / BEST_WEIGHTS} to start from its weights).")
+
+
+def copy_optimizer_state(source, model):
+    """Gives ``model``'s (compiled, unbuilt) optimizer the moments and step count of ``source``.
+
+    The published code's stage-wise training restores a TF1 checkpoint of every variable,
+    Adam's moments included, and goes on with a new learning rate; this does the same: the
+    learning rate stays the one ``model`` was compiled with.
+
+    Args:
+        source: an optimizer of the same kind, built for a model of the same architecture.
+        model: the model to train next, compiled.
+    Raises:
+        ValueError: the optimizers' kinds or variables do not match.
+    """
+    target = model.optimizer
+    target.build(model.trainable_variables)
+    sources, targets = list(source.variables), list(target.variables)
+    shapes = [tuple(v.shape) for v in sources], [tuple(v.shape) for v in targets]
+    if type(source) is not type(target) or shapes[0] != shapes[1]:
+        raise ValueError(
+            f"Cannot continue the state of {type(source).__name__} ({len(sources)} variables) in "
+            f"{type(target).__name__} ({len(targets)} variables, not all of the same shapes): the two models or "
+            "optimizers differ (start from a *.weights.h5 file instead for a fresh optimizer).")
+    for from_variable, to_variable in zip(sources, targets):
+        if not to_variable.path.endswith("/learning_rate"):
+            to_variable.assign(from_variable)
+
+
 def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, learning_rate=1e-3,
           score_batches=None, log_metric=None, average_method="max", jit_compile="auto", verbose=1, callbacks=(),
-          time_limit=None):
+          time_limit=None, optimizer_source=None):
     """Trains ``model`` (compiled here with Adam), or resumes from ``folder``.
 
     Args:
@@ -287,6 +343,8 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
         time_limit: seconds this call may train, or None. It stops after the last epoch that is
             expected to end in time, unfinished: calling again resumes (for machines lent for
             a few minutes at a time).
+        optimizer_source: an optimizer whose state a new run continues (``copy_optimizer_state``),
+            or None for a fresh Adam; not used when resuming.
 
     Returns:
         (model with the best weights loaded, CheckpointState).
@@ -299,17 +357,21 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
     state = CheckpointState(folder)
     if (folder / LAST_MODEL).exists() and state["epoch"] > 0:
         try:
-            model = keras.models.load_model(folder / LAST_MODEL)  # with its optimizer state
+            resumed = keras.models.load_model(folder / LAST_MODEL)  # with its optimizer state
         except ValueError as error:
             raise ValueError(
                 f"Cannot resume from {folder / LAST_MODEL} (epoch {state['epoch']}): {error}\n"
                 "The checkpoint is damaged or was written by a model this code builds differently (another "
                 "network, or another version of neural_em); it is left as it is. Resume it with the code that "
                 "wrote it, or give a new checkpoint_dir to start afresh.") from error
+        _check_resumed_settings(folder, model, resumed, learning_rate)
+        model = resumed
         if verbose:
             print(f"Resuming from {folder / LAST_MODEL} after epoch {state['epoch']}.")
     else:
         model.compile(optimizer=keras.optimizers.Adam(learning_rate), jit_compile=jit_compile)
+        if optimizer_source is not None:
+            copy_optimizer_state(optimizer_source, model)
 
     if not state["finished"] and state["epoch"] < max_epochs:
         state["stop_reason"] = None  # a paused run goes on

@@ -370,3 +370,63 @@ def test_few_hundred_steps_lower_the_loss_and_lift_ami_above_chance(tmp_path):
     assert logged["loss"][-1] < 0.7 * logged["loss"][0]
     # Chance is AMI ≈ 0; a model that groups nothing scores 0.
     assert max(logged["val_ami"]) > 0.2, logged["val_ami"]
+
+
+def test_resuming_under_other_settings_is_refused_and_names_them(tmp_path):
+    features = (np.random.default_rng(0).random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
+    batch = {"features": features, "noisy": features}
+
+    def run(learning_rate=1e-3, **settings):
+        model = NeuralEM("shapes", (6, 6, 1), **{"k": 2, "nr_steps": 2, "seed": 0, **settings})
+        # Any epoch takes longer than a nanosecond: each call trains one epoch and pauses.
+        return training.train(model, tmp_path, batch, None, max_epochs=3, patience=3, verbose=0,
+                              learning_rate=learning_rate, time_limit=1e-9)
+
+    run()
+    state_before = (tmp_path / training.STATE).read_text()
+    with pytest.raises(ValueError, match=r"inter_weight: 1 in the checkpoint, 0\.2 now.*init_weights="):
+        run(inter_weight=0.2)
+    with pytest.raises(ValueError, match=r"learning_rate: 0\.001 in the checkpoint, 0\.0005 now"):
+        run(learning_rate=5e-4)
+    assert (tmp_path / training.STATE).read_text() == state_before
+    _, state = run(unroll=True)  # how the loop is compiled may change
+    assert state["epoch"] == 2
+
+
+def test_stage_wise_training_from_a_keras_file_continues_adams_state(tmp_path, tiny_shapes):
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    done = _train_cli(tmp_path, f"dataset.path={tiny_shapes}", "k=2", "training.max_epochs=1", *TINY,
+                      f"checkpoint_dir={stage1}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    source = keras.models.load_model(stage1 / training.LAST_MODEL)
+    steps_per_epoch = int(source.optimizer.iterations.numpy())
+    assert steps_per_epoch > 0
+    done = _train_cli(tmp_path, f"dataset.path={tiny_shapes}", "k=2", "training.max_epochs=1", *TINY,
+                      f"init_weights={stage1 / training.LAST_MODEL}", "training.learning_rate=0.0005",
+                      f"checkpoint_dir={stage2}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Starting from the weights and Adam's state" in done.stdout
+    continued = keras.models.load_model(stage2 / training.LAST_MODEL).optimizer
+    assert int(continued.iterations.numpy()) == 2 * steps_per_epoch  # counted on from stage 1
+    assert float(continued.learning_rate.numpy()) == pytest.approx(0.0005)  # the new stage's rate
+
+
+def test_copy_optimizer_state_keeps_the_learning_rate_and_refuses_another_model(tmp_path):
+    features = (np.random.default_rng(0).random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
+    batch = {"features": features, "noisy": features}
+    trained, _ = training.train(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0), tmp_path, batch, None,
+                                max_epochs=1, patience=3, verbose=0)
+    source = trained.optimizer
+    target_model = build(NeuralEM("shapes", (6, 6, 1), k=3, nr_steps=2, seed=1))  # K does not change the weights
+    target_model.compile(optimizer=keras.optimizers.Adam(0.0005))
+    training.copy_optimizer_state(source, target_model)
+    target = target_model.optimizer
+    assert int(target.iterations.numpy()) == int(source.iterations.numpy()) == 1
+    assert float(target.learning_rate.numpy()) == pytest.approx(0.0005)
+    for from_variable, to_variable in zip(source.variables[2:], target.variables[2:]):  # the moments
+        np.testing.assert_array_equal(np.asarray(to_variable), np.asarray(from_variable))
+
+    other = build(NeuralEM("shapes", (8, 8, 1), k=2, nr_steps=2))  # 64 pixels: other weight shapes
+    other.compile(optimizer=keras.optimizers.Adam(0.001))
+    with pytest.raises(ValueError, match=r"Cannot continue the state of Adam \(\d+ variables\) in Adam"):
+        training.copy_optimizer_state(source, other)
