@@ -269,14 +269,19 @@ class Evaluation(NamedTuple):
     example: dict
 
 
+def generator_option(path, name, default=None):
+    """One of the generator options a data set file records; ``default`` where it records none."""
+    with open_dataset(path) as data:
+        return data.attrs.get("options", {}).get(name, default)
+
+
 def group_threshold(path):
     """The grey value above which the data set's generator gave a pixel to an object (0 if none).
 
     Grey MNIST strokes fainter than it have group 0 although no two digits overlap there,
     so the occlusion split (``split_by_occlusion``) must not count them.
     """
-    with open_dataset(path) as data:
-        return float(data.attrs.get("options", {}).get("group_threshold", 0.0))
+    return float(generator_option(path, "group_threshold", 0.0))
 
 
 def evaluate_model(model, path, split="test", *, batch_size=100, max_sequences=None, noise_type="bitflip",
@@ -467,12 +472,6 @@ def recorded_evaluation(db, run_id):
 # ----------------------------------------------------------------------------- Sacred entry points
 
 
-def _dataset_objects(path):
-    """Objects per sequence as recorded in a data set file; None for files that do not record it."""
-    with open_dataset(path) as dataset:
-        return dataset.attrs.get("options", {}).get("objects")
-
-
 def _output_folder(config, run, steps):
     if config["output_dir"]:
         return Path(config["output_dir"])
@@ -517,7 +516,7 @@ def evaluate(_config, _run):
     _run.info["evaluation"] = {
         "training_run": source.training_run["id"] if source.training_run else None,
         "weights": None if source.training_run else str(source.weights),
-        "dataset": str(path), "objects": _dataset_objects(path), "k": config["k"], "trained_steps": trained,
+        "dataset": str(path), "objects": generator_option(path, "objects"), "k": config["k"], "trained_steps": trained,
         "summary": summary, "config": config,
     }
     folder = _output_folder(config, _run, summary["steps"])
