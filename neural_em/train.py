@@ -31,11 +31,13 @@ def train(_config, _run, seed):
     optimizer_source = None
     if config["init_weights"]:
         experiment.build(model, info.frames)
-        model.load_weights(config["init_weights"])
         if config["init_weights"].endswith(".keras"):  # a whole model: Adam's state goes on too
-            optimizer_source = keras.models.load_model(config["init_weights"]).optimizer
+            source = keras.models.load_model(config["init_weights"])  # read once, for weights and optimizer
+            model.set_weights(source.get_weights())
+            optimizer_source = source.optimizer
             print(f"Starting from the weights and Adam's state in {config['init_weights']}.")
         else:
+            model.load_weights(config["init_weights"])
             print(f"Starting from the weights in {config['init_weights']}.")
 
     run_cfg = config["training"]
