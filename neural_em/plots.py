@@ -26,6 +26,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
@@ -538,12 +539,14 @@ def _k_label(components) -> str:
     return f"RNN-EM, K = {components}"
 
 
-def next_step_bce(results: Mapping, path: PathArg) -> Path:
+def next_step_bce(results: Mapping, path: PathArg, *, per_step: Mapping | None = None) -> Path:
     """Figure 5: next-step BCE (upper bound, max_k psi) against the number of objects.
 
     Args:
         results: K -> {number of objects -> BCE}, e.g. {1: {3: 21.0, 5: 33.1}, 5: {...}}.
         path: output image file.
+        per_step: optional label -> (T,) BCE at each step; drawn as a second panel, which
+            shows where over the sequence the grouping pays off.
 
     Returns:
         The path written. One line per K.
@@ -558,9 +561,15 @@ def next_step_bce(results: Mapping, path: PathArg) -> Path:
                 f"results[{components!r}] must be a non-empty dict num_objects -> bce, "
                 f"got {by_objects!r}"
             )
+    curves = {}
+    for name, values in (per_step or {}).items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 1 or values.size == 0:
+            raise ValueError(f"per_step[{name!r}] must be a non-empty (T,) array, got shape {values.shape}")
+        curves[str(name)] = np.stack([np.arange(1, values.size + 1), values], axis=1)  # (T, 2)
 
-    figure = _new_figure((5.0, 3.5))
-    ax = figure.add_subplot()
+    figure = _new_figure((10.0, 3.5) if curves else (5.0, 3.5))
+    ax = figure.add_subplot(1, 2 if curves else 1, 1)
     all_objects: set[int] = set()
     for components, colour in zip(sorted(results), _series_colours(len(results))):
         objects = sorted(results[components])
@@ -572,4 +581,11 @@ def next_step_bce(results: Mapping, path: PathArg) -> Path:
     ax.set_ylabel("next-step BCE (upper bound)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if curves:
+        steps_ax = figure.add_subplot(1, 2, 2)
+        _draw_curves(steps_ax, curves)
+        steps_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        steps_ax.set_xlabel("step")
+        steps_ax.set_ylabel("next-step BCE (upper bound)")
+        steps_ax.set_title("per step", fontsize=10)
     return _save(figure, path)

@@ -213,6 +213,24 @@ def test_figure5_from_recorded_evaluations(trained, tmp_path):
     _assert_picture_shows_something(tmp_path / "figure5.png")
     assert "figure5.png" in observers.run_artifacts(trained.db, run._id)
 
+    # The same evaluations from their summary.json files, as evaluations from another machine are drawn.
+    files = [str(tmp_path / f"k{k}" / "summary.json") for k in (1, 4)]
+    assert [evaluate.saved_evaluation(path) for path in files] == [
+        evaluate.recorded_evaluation(trained.db, run_id) for run_id in ids]
+    run = _evaluate(trained.db, command="figure5", figure5_files=files, output_dir=str(tmp_path / "files"))
+    _assert_picture_shows_something(tmp_path / "files" / "figure5.png")
+
+
+def test_figure5_files_that_are_not_evaluation_summaries_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gone/summary.json does not exist"):
+        evaluate.saved_evaluation(tmp_path / "gone" / "summary.json")
+    (tmp_path / "state.json").write_text('{"epoch": 3}')
+    with pytest.raises(ValueError, match="state.json is not an evaluation's summary.json"):
+        evaluate.saved_evaluation(tmp_path / "state.json")
+    with pytest.raises(experiment.ConfigError, match="must be a list of summary.json files"):
+        evaluate.ex.run("figure5", config_updates={**QUIET, "figure5_files": "[a/summary.json]"},
+                        options={"--unobserved": True})
+
 
 def test_command_line_values_replace_the_training_config():
     training = {"k": 5, "nr_steps": 20, "seed": 0, "init_weights": "/gone/stage1.weights.h5",

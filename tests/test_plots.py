@@ -220,3 +220,13 @@ def test_next_step_bce_writes_one_line_per_k(tmp_path):
     assert np.any(np.all(two_k == orange, axis=-1))
     with pytest.raises(ValueError, match=r"results\[5\] must be a non-empty dict"):
         plots.next_step_bce({1: results[1], 5: {}}, tmp_path / "x.png")
+
+
+def test_next_step_bce_draws_the_per_step_panel_beside_it(tmp_path):
+    results = {1: {3: 20.0}, 3: {3: 15.0}}
+    alone = _load(plots.next_step_bce(results, tmp_path / "alone.png"), "PNG")
+    per_step = {"K = 1": np.linspace(30.0, 20.0, 20), "K = 3": np.linspace(30.0, 12.0, 20)}
+    both = _load(plots.next_step_bce(results, tmp_path / "both.png", per_step=per_step), "PNG")
+    assert both.shape[0] == alone.shape[0] and both.shape[1] > 1.5 * alone.shape[1]  # a second panel
+    with pytest.raises(ValueError, match=r"per_step\['K = 3'\] must be a non-empty \(T,\) array"):
+        plots.next_step_bce(results, tmp_path / "x.png", per_step={"K = 3": np.zeros((2, 3))})
