@@ -217,7 +217,7 @@ def test_figure5_from_recorded_evaluations(trained, tmp_path):
     files = [str(tmp_path / f"k{k}" / "summary.json") for k in (1, 4)]
     assert [evaluate.saved_evaluation(path) for path in files] == [
         evaluate.recorded_evaluation(trained.db, run_id) for run_id in ids]
-    run = _evaluate(trained.db, command="figure5", figure5_files=files, output_dir=str(tmp_path / "files"))
+    _evaluate(trained.db, command="figure5", figure5_files=files, output_dir=str(tmp_path / "files"))
     _assert_picture_shows_something(tmp_path / "files" / "figure5.png")
 
 
