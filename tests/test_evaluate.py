@@ -220,6 +220,26 @@ def test_figure5_from_recorded_evaluations(trained, tmp_path):
     _evaluate(trained.db, command="figure5", figure5_files=files, output_dir=str(tmp_path / "files"))
     _assert_picture_shows_something(tmp_path / "files" / "figure5.png")
 
+    # A run and its own file are the same point of the figure: named, not silently one of them.
+    with pytest.raises(ValueError, match=rf"k1/summary.json and evaluation run {ids[0]} are both K = 1 on"):
+        _evaluate(trained.db, command="figure5", figure5_runs=ids[:1], figure5_files=files[:1],
+                  output_dir=str(tmp_path / "twice"))
+    assert not (tmp_path / "twice" / "figure5.png").exists()
+
+
+def test_figure5_names_two_evaluations_of_the_same_k_and_objects(tmp_path):
+    epoch5 = {"k": 3, "objects": 3, "upper_bound_bce": 163.7, "source": "k3/epoch5/summary.json"}
+    epoch16 = {"k": 3, "objects": 3, "upper_bound_bce": 140.0, "source": "k3/epoch16/summary.json"}
+    with pytest.raises(ValueError, match="k3/epoch5/summary.json and k3/epoch16/summary.json are both K = 3 on 3"):
+        evaluate.draw_figure5([epoch5, epoch16], tmp_path / "figure5.png")
+    unnamed = [{key: value for key, value in entry.items() if key != "source"} for entry in (epoch5, epoch16)]
+    with pytest.raises(ValueError, match="evaluation 1 of 2 and evaluation 2 of 2 are both K = 3 on 3 objects"):
+        evaluate.draw_figure5(unnamed, tmp_path / "figure5.png")
+    assert not (tmp_path / "figure5.png").exists()
+    # Other objects or another K are other points.
+    path = evaluate.draw_figure5([epoch16, {**epoch5, "objects": 5}, {**epoch5, "k": 1}], tmp_path / "figure5.png")
+    _assert_picture_shows_something(path)
+
 
 def test_figure5_files_that_are_not_evaluation_summaries_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="gone/summary.json does not exist"):
