@@ -580,6 +580,7 @@ def next_step_bce(results: Mapping, path: PathArg, *, per_step: Mapping | None =
     ax.set_xlabel("number of objects")
     ax.set_ylabel("next-step BCE (upper bound)")
     ax.grid(alpha=0.3)
+    ax.margins(x=0.15, y=0.25)  # room for the legend: with one object count all points share one x
     ax.legend(fontsize=8)
     if curves:
         steps_ax = figure.add_subplot(1, 2, 2)
