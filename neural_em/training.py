@@ -266,6 +266,7 @@ class EpochEnd(keras.callbacks.Callback):
         self.state.save()
 
 
+REACHED_MAX_EPOCHS = "reached max_epochs"  # the stop reason of a run that may be extended
 SETTINGS_FREE_ON_RESUME = ("unroll",)  # how the loop is compiled, not what it computes
 
 
@@ -331,7 +332,8 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
         model: a NeuralEM; replaced by the checkpoint's model when resuming.
         folder: the checkpoint folder (created).
         train_batches, valid_batches: pipelines of {'features', 'noisy'} batches.
-        max_epochs: epochs in all, counting those before an interruption.
+        max_epochs: epochs in all, counting those before an interruption. A run that ended at
+            a lower max_epochs goes on when it is raised; one that stopped early does not.
         patience: early-stopping patience on the validation loss.
         learning_rate: Adam's learning rate.
         score_batches: callable returning batches with 'groups' (a validation subset), or None.
@@ -373,8 +375,10 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
         if optimizer_source is not None:
             copy_optimizer_state(optimizer_source, model)
 
-    if not state["finished"] and state["epoch"] < max_epochs:
-        state["stop_reason"] = None  # a paused run goes on
+    stopped_early = state["finished"] and not str(state["stop_reason"]).startswith(REACHED_MAX_EPOCHS)
+    if not stopped_early and state["epoch"] < max_epochs:
+        # A paused run goes on, and so does one that ended at a lower max_epochs.
+        state["finished"], state["stop_reason"] = False, None
         epoch_end = EpochEnd(folder, state, patience, score_batches, log_metric, average_method, time_limit)
         model.fit(train_batches, validation_data=valid_batches, epochs=max_epochs, initial_epoch=state["epoch"],
                   callbacks=[epoch_end, *callbacks], verbose=verbose, shuffle=False)  # the pipelines shuffle
@@ -391,7 +395,7 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
                       f"from epoch {state['epoch'] + 1}.")
         else:
             state["finished"] = True
-            state["stop_reason"] = state["stop_reason"] or f"reached max_epochs={max_epochs}"
+            state["stop_reason"] = state["stop_reason"] or f"{REACHED_MAX_EPOCHS}={max_epochs}"
             state.save()
     if (folder / BEST_WEIGHTS).exists():
         load_model_weights(model, folder / BEST_WEIGHTS)

@@ -338,6 +338,31 @@ def test_time_limit_pauses_after_an_epoch_and_the_next_call_goes_on(tmp_path):
     assert len(state["history"]["loss"]) == 3
 
 
+def test_raising_max_epochs_extends_a_finished_run_but_not_an_early_stopped_one(tmp_path):
+    features = (np.random.default_rng(0).random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
+    batch = {"features": features, "noisy": features}
+
+    def run(folder, max_epochs):
+        model = NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0)
+        return training.train(model, folder, batch, None, max_epochs=max_epochs, patience=3, verbose=0)
+
+    _, state = run(tmp_path / "a", 1)
+    assert state["finished"] and state["stop_reason"] == "reached max_epochs=1"
+    _, state = run(tmp_path / "a", 2)
+    assert state["epoch"] == 2 and state["finished"] and state["stop_reason"] == "reached max_epochs=2"
+    assert len(state["history"]["loss"]) == 2
+    saved = json.loads((tmp_path / "a" / training.STATE).read_text())
+    assert saved["epoch"] == 2 and len(saved["history"]["loss"]) == 2
+
+    _, state = run(tmp_path / "b", 1)
+    saved = json.loads((tmp_path / "b" / training.STATE).read_text())
+    saved["stop_reason"] = "no lower validation loss for 3 epochs"  # as early stopping writes it
+    (tmp_path / "b" / training.STATE).write_text(json.dumps(saved))
+    _, state = run(tmp_path / "b", 2)
+    assert state["epoch"] == 1 and state["finished"]
+    assert state["stop_reason"] == "no lower validation loss for 3 epochs"
+
+
 def test_best_weights_leave_out_the_optimizer_and_reload_to_the_trained_weights(tmp_path):
     rng = np.random.default_rng(0)
     features = (rng.random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
