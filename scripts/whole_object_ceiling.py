@@ -53,7 +53,7 @@ def whole_object_ceiling(groups, k, *, average_method="max"):
     object_ids = np.unique(groups[mask])
     best = np.full(len(groups), -np.inf)
     for partition in set_partitions(list(object_ids), k):
-        component_of = np.zeros(groups.max() + 1, np.int64)  # object id -> component
+        component_of = np.zeros(groups.max(initial=0) + 1, np.int64)  # object id -> component
         for component, block in enumerate(partition):
             component_of[block] = component
         ami = metrics.adjusted_mutual_info(groups, component_of[groups], mask, average_method)  # (N,)
@@ -69,6 +69,9 @@ def main(argv=None):
     parser.add_argument("--split", default="test")
     parser.add_argument("--sequences", type=int, default=1000, help="first N sequences of the split")
     args = parser.parse_args(argv)
+    for name in ("k", "sequences"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
     with store.open_dataset(args.data) as dataset:
         split = dataset.split(args.split)

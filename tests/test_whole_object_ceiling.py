@@ -52,3 +52,12 @@ def test_bad_input_is_named():
         whole_object_ceiling.whole_object_ceiling(np.zeros((2, 3, 4), np.int32), 3)
     with pytest.raises(ValueError, match="k must be at least 1"):
         whole_object_ceiling.whole_object_ceiling(np.ones((2, 3), np.int32), 0)
+
+
+@pytest.mark.parametrize("flag, value", [("--k", "0"), ("--sequences", "0")])
+def test_command_line_refuses_counts_below_one(flag, value, capsys):
+    arguments = ["data/any.h5", "--k", "3", "--sequences", "5"]
+    arguments[arguments.index(flag) + 1] = value
+    with pytest.raises(SystemExit):
+        whole_object_ceiling.main(arguments)
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
