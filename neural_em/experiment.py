@@ -82,7 +82,8 @@ def shared_config():
         "batch_size": 64,
         "learning_rate": 0.001,
         "max_epochs": 500,
-        "patience": 10,  # early stopping on the validation loss
+        "patience": 10,  # epochs without a better monitored value before stopping
+        "monitor": "val_loss",  # picks best.weights.h5 and stops early: 'val_loss' (lowest) or 'val_ami' (highest)
         "train_sequences": None,  # None: the whole training split
         "valid_sequences": None,  # None: the whole validation split
         "jit_compile": "auto",
@@ -142,6 +143,11 @@ def check_config(config):
     limit = config["training"].get("time_limit_minutes")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
         fail("training.time_limit_minutes", limit, "None or a positive number of minutes")
+    monitor = config["training"]["monitor"]
+    if monitor not in ("val_loss", "val_ami"):
+        fail("training.monitor", monitor, "'val_loss' or 'val_ami'")
+    if monitor == "val_ami" and not config["scoring"]["valid_sequences"]:
+        fail("training.monitor", monitor, "'val_loss' when scoring.valid_sequences=0 (no validation AMI is scored)")
     if not config["training"]["learning_rate"] > 0:
         fail("training.learning_rate", config["training"]["learning_rate"], "a positive number")
     if config["scoring"]["average_method"] not in ("max", "arithmetic", "min", "geometric"):
@@ -225,8 +231,11 @@ def checkpoint_dir(config, root="runs/checkpoints"):
     if config["checkpoint_dir"]:
         return Path(config["checkpoint_dir"])
     flat = {key: value for key, value in _flatten(config).items() if key not in IGNORED_FOR_CHECKPOINT}
+    # Default values of keys added later are left out: the folders of older runs keep their names.
     if flat.get("network.step_size", 0) is None:
-        del flat["network.step_size"]  # keeps the folders of runs from before this key existed
+        del flat["network.step_size"]
+    if flat.get("training.monitor") == "val_loss":
+        del flat["training.monitor"]
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = f"{config['dataset']['name']}_{config['network']['name']}_k{config['k']}_{digest}"
     return Path(root) / name

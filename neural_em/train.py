@@ -69,7 +69,7 @@ def train(_config, _run, seed):
         average_method=config["scoring"]["average_method"], jit_compile=run_cfg["jit_compile"],
         verbose=run_cfg["verbose"],
         time_limit=None if run_cfg["time_limit_minutes"] is None else 60 * run_cfg["time_limit_minutes"],
-        optimizer_source=optimizer_source,
+        optimizer_source=optimizer_source, monitor=run_cfg["monitor"],
     )
     _run.info.update(epochs=state["epoch"], best_epoch=state["best_epoch"], stop_reason=state["stop_reason"])
 

@@ -184,20 +184,23 @@ class EpochEnd(keras.callbacks.Callback):
     Args:
         folder: the checkpoint folder.
         state: its CheckpointState.
-        patience: epochs without a lower validation loss before stopping.
+        patience: epochs without a better monitored value before stopping.
         score_batches: a callable returning batches with 'groups' for AMI/ARI, or None.
         log_metric: ``log_metric(name, value, epoch)``, e.g. Sacred's ``_run.log_scalar``.
         average_method: AMI normaliser.
         time_limit: seconds this run may take, or None; training pauses after the last epoch
             expected to end within it (the next run of the same command resumes).
+        monitor: what picks the best epoch and drives early stopping: 'val_loss' (lowest) or
+            'val_ami' (highest; needs ``score_batches``).
     """
 
     def __init__(self, folder, state, patience, score_batches=None, log_metric=None, average_method="max",
-                 time_limit=None):
+                 time_limit=None, monitor="val_loss"):
         super().__init__()
         self.folder = Path(folder)
         self.state = state
         self.patience = patience
+        self.monitor = monitor
         self.score_batches = score_batches
         self.log_metric = log_metric or (lambda name, value, step: None)
         self.average_method = average_method
@@ -245,7 +248,7 @@ class EpochEnd(keras.callbacks.Callback):
             self.diverged = f"the validation loss became {val_loss} in epoch {epoch + 1}"
             self.model.stop_training = True
             return
-        if val_loss < self.state["best_val_loss"]:
+        if self._improved(val_loss, logs.get("val_ami")):
             self.state["best_val_loss"], self.state["best_epoch"], self.state["wait"] = val_loss, epoch + 1, 0
             self.state["best_ami"] = logs.get("val_ami")
             _atomic_save(lambda path: save_model_weights(self.model, path), self.folder / BEST_WEIGHTS)
@@ -253,7 +256,7 @@ class EpochEnd(keras.callbacks.Callback):
             self.state["wait"] += 1
         self.state["epoch"] = epoch + 1
         if self.state["wait"] >= self.patience:
-            self.state["stop_reason"] = f"no lower validation loss for {self.patience} epochs"
+            self.state["stop_reason"] = f"no {MONITORS[self.monitor]} for {self.patience} epochs"
             self.model.stop_training = True
         elif self.time_limit is not None and epoch + 1 < self.params.get("epochs", math.inf):
             now = time.monotonic()
@@ -265,7 +268,16 @@ class EpochEnd(keras.callbacks.Callback):
         _atomic_save(self.model.save, self.folder / LAST_MODEL)
         self.state.save()
 
+    def _improved(self, val_loss, val_ami):
+        if self.monitor == "val_ami":
+            best = self.state["best_ami"]
+            # A NaN AMI never improves; the first finite one does.
+            return val_ami is not None and val_ami > (-math.inf if best is None else best)
+        return val_loss < self.state["best_val_loss"]
 
+
+# What picks best.weights.h5 and stops early, with its early-stopping message.
+MONITORS = {"val_loss": "lower validation loss", "val_ami": "higher validation AMI"}
 REACHED_MAX_EPOCHS = "reached max_epochs"  # the stop reason of a run that may be extended
 SETTINGS_FREE_ON_RESUME = ("unroll",)  # how the loop is compiled, not what it computes
 
@@ -325,7 +337,7 @@ def copy_optimizer_state(source, model):
 
 def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, learning_rate=1e-3,
           score_batches=None, log_metric=None, average_method="max", jit_compile="auto", verbose=1, callbacks=(),
-          time_limit=None, optimizer_source=None):
+          time_limit=None, optimizer_source=None, monitor="val_loss"):
     """Trains ``model`` (compiled here with Adam), or resumes from ``folder``.
 
     Args:
@@ -334,7 +346,7 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
         train_batches, valid_batches: pipelines of {'features', 'noisy'} batches.
         max_epochs: epochs in all, counting those before an interruption. A run that ended at
             a lower max_epochs goes on when it is raised; one that stopped early does not.
-        patience: early-stopping patience on the validation loss.
+        patience: early-stopping patience on the monitored value.
         learning_rate: Adam's learning rate.
         score_batches: callable returning batches with 'groups' (a validation subset), or None.
         log_metric: called as ``log_metric(name, value, epoch)`` for every logged value.
@@ -347,6 +359,10 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
             a few minutes at a time).
         optimizer_source: an optimizer whose state a new run continues (``copy_optimizer_state``),
             or None for a fresh Adam; not used when resuming.
+        monitor: 'val_loss' keeps the epoch of lowest validation loss as ``best.weights.h5`` and
+            stops when it has not fallen for ``patience`` epochs (the published code's rule);
+            'val_ami' does the same with the highest validation AMI (needs ``score_batches``).
+            A checkpoint folder keeps the monitor it was started with.
 
     Returns:
         (model with the best weights loaded, CheckpointState).
@@ -354,9 +370,20 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
     Raises:
         TrainingDiverged: the loss became NaN; the best checkpoint stays as it was.
     """
+    if monitor not in MONITORS:
+        raise ValueError(f"Unknown monitor {monitor!r}: expected one of {list(MONITORS)}.")
+    if monitor == "val_ami" and score_batches is None:
+        raise ValueError("monitor='val_ami' needs score_batches: the validation AMI is scored from them.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = CheckpointState(folder)
+    started_with = state.data.get("monitor", "val_loss")  # folders from before this key used the loss
+    if state["epoch"] > 0 and started_with != monitor:
+        raise ValueError(
+            f"Cannot resume {folder} with monitor={monitor!r}: its best checkpoint and early stopping follow "
+            f"{started_with!r}. Resume it with {started_with!r}, or give a new checkpoint_dir "
+            f"(with init_weights={folder / LAST_MODEL} to go on from its last epoch).")
+    state["monitor"] = monitor
     if (folder / LAST_MODEL).exists() and state["epoch"] > 0:
         try:
             resumed = keras.models.load_model(folder / LAST_MODEL)  # with its optimizer state
@@ -379,7 +406,8 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
     if not stopped_early and state["epoch"] < max_epochs:
         # A paused run goes on, and so does one that ended at a lower max_epochs.
         state["finished"], state["stop_reason"] = False, None
-        epoch_end = EpochEnd(folder, state, patience, score_batches, log_metric, average_method, time_limit)
+        epoch_end = EpochEnd(folder, state, patience, score_batches, log_metric, average_method, time_limit,
+                             monitor)
         model.fit(train_batches, validation_data=valid_batches, epochs=max_epochs, initial_epoch=state["epoch"],
                   callbacks=[epoch_end, *callbacks], verbose=verbose, shuffle=False)  # the pipelines shuffle
         if epoch_end.diverged:

@@ -169,6 +169,7 @@ def test_stage_wise_training_starts_from_given_weights(tmp_path, tiny_shapes):
     ("em.loss_step_weights=first", "em.loss_step_weights='first'"),
     ("training.time_limit_minutes=-1", "training.time_limit_minutes=-1"),
     ("network.step_size=0.5", "network.step_size=0.5"),  # the default network is RNN-EM's, not N-EM's
+    ("training.monitor=val_acc", "training.monitor='val_acc'"),
 ])
 def test_invalid_configuration_fails_before_training(tmp_path, monkeypatch, update, message):
     from neural_em.train import ex
@@ -271,6 +272,25 @@ def test_step_size_key_keeps_the_checkpoint_folders_of_older_runs():
     assert experiment.checkpoint_dir(_nem_config(0.5)) != experiment.checkpoint_dir(older)
 
 
+def test_monitor_key_keeps_the_checkpoint_folders_of_older_runs():
+    def config(**training):
+        return {**_nem_config(None), "training": {"batch_size": 64, **training}}
+
+    older = config()
+    assert experiment.checkpoint_dir(config(monitor="val_loss")) == experiment.checkpoint_dir(older)
+    assert experiment.checkpoint_dir(config(monitor="val_ami")) != experiment.checkpoint_dir(older)
+
+
+def test_monitoring_the_ami_needs_it_scored(tmp_path, monkeypatch):
+    from neural_em.train import ex
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(experiment.ConfigError, match=r"training.monitor='val_ami'.*scoring.valid_sequences=0"):
+        ex.run(config_updates={"training": {"monitor": "val_ami"}, "scoring": {"valid_sequences": 0}},
+               options={"--unobserved": True})
+    assert not (tmp_path / "runs" / "checkpoints").exists()
+
+
 def _parse(value):
     try:
         return json.loads(value)
@@ -361,6 +381,66 @@ def test_raising_max_epochs_extends_a_finished_run_but_not_an_early_stopped_one(
     _, state = run(tmp_path / "b", 2)
     assert state["epoch"] == 1 and state["finished"]
     assert state["stop_reason"] == "no lower validation loss for 3 epochs"
+
+
+class KeepWeights(keras.callbacks.Callback):
+    """Copies the weights at the end of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_epoch = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.by_epoch[epoch + 1] = [np.array(w) for w in self.model.get_weights()]
+
+
+def test_monitoring_the_validation_ami_keeps_its_best_epoch_and_stops_on_it(tmp_path, monkeypatch):
+    features = (np.random.default_rng(0).random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
+    batch = {"features": features, "noisy": features}
+    scripted = iter([0.2, 0.5, float("nan"), 0.4, 0.45, 0.9])  # epochs 1, 2, ...
+
+    def fake_scores(model, batches, average_method="max"):
+        ami = np.array([next(scripted)])
+        return {"ami_weighted": ami, "ami_last": ami, "ari_weighted": ami, "confidence": ami}
+
+    monkeypatch.setattr(training, "score_model", fake_scores)
+    kept = KeepWeights()
+    model = NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0)
+    _, state = training.train(model, tmp_path, batch, None, max_epochs=6, patience=3, verbose=0,
+                              score_batches=lambda: None, monitor="val_ami", callbacks=[kept])
+    # The AMI peaks at epoch 2 and is not passed in epochs 3-5 (a NaN AMI counts as no better).
+    assert state["epoch"] == 5 and state["finished"] and state["best_epoch"] == 2
+    assert state["best_ami"] == 0.5 and state["monitor"] == "val_ami"
+    assert state["stop_reason"] == "no higher validation AMI for 3 epochs"
+    best = build(NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2))
+    best.load_weights(tmp_path / training.BEST_WEIGHTS)
+    for loaded, at_epoch_2 in zip(best.get_weights(), kept.by_epoch[2], strict=True):
+        np.testing.assert_array_equal(loaded, at_epoch_2)
+    assert not np.array_equal(kept.by_epoch[2][0], kept.by_epoch[5][0])
+
+
+def test_a_checkpoint_folder_keeps_its_monitor(tmp_path):
+    features = (np.random.default_rng(0).random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
+    batch = {"features": features, "noisy": features}
+
+    def run(**options):
+        model = NeuralEM("shapes", (6, 6, 1), k=2, nr_steps=2, seed=0)
+        return training.train(model, tmp_path, batch, None, max_epochs=2, patience=3, verbose=0, time_limit=1e-9,
+                              **options)
+
+    with pytest.raises(ValueError, match="monitor='val_ami' needs score_batches"):
+        run(monitor="val_ami")
+    with pytest.raises(ValueError, match="Unknown monitor 'val_acc'"):
+        run(monitor="val_acc")
+    assert not (tmp_path / training.STATE).exists()
+    run()
+    state_before = (tmp_path / training.STATE).read_text()
+    assert json.loads(state_before)["monitor"] == "val_loss"
+    with pytest.raises(ValueError, match=r"Cannot resume .* monitor='val_ami'.*follow 'val_loss'.*init_weights="):
+        run(monitor="val_ami", score_batches=lambda: None)
+    assert (tmp_path / training.STATE).read_text() == state_before
+    _, state = run()
+    assert state["epoch"] == 2
 
 
 def test_best_weights_leave_out_the_optimizer_and_reload_to_the_trained_weights(tmp_path):
