@@ -24,6 +24,7 @@ from neural_em.model.losses import loss_step_weights
 from neural_em.model.nem import NeuralEM, build  # noqa: F401  (build: re-exported for entry points)
 from neural_em.model.networks import PRESETS, network_config
 from neural_em.observers import db_option
+from neural_em.training import MONITORS
 
 dataset_ingredient = Ingredient("dataset")
 network_ingredient = Ingredient("network")
@@ -144,8 +145,8 @@ def check_config(config):
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
         fail("training.time_limit_minutes", limit, "None or a positive number of minutes")
     monitor = config["training"]["monitor"]
-    if monitor not in ("val_loss", "val_ami"):
-        fail("training.monitor", monitor, "'val_loss' or 'val_ami'")
+    if monitor not in MONITORS:
+        fail("training.monitor", monitor, " or ".join(map(repr, MONITORS)))
     if monitor == "val_ami" and not config["scoring"]["valid_sequences"]:
         fail("training.monitor", monitor, "'val_loss' when scoring.valid_sequences=0 (no validation AMI is scored)")
     if not config["training"]["learning_rate"] > 0:
