@@ -83,7 +83,7 @@ def train(_config, _run, seed):
 
 def _save_debug_plots(model, folder, state, path, noise, run):
     """The learning curves and an overview figure of a few validation sequences."""
-    history = {name: list(enumerate(values, 1)) for name, values in state["history"].items()}
+    history = training.epoch_curves(state["history"])
     if history:
         run.add_artifact(str(plots.learning_curves(history, folder / "learning_curves.png")))
     batch = next(iter(training.make_batches(path, "validation", 4, shuffle=False, max_sequences=4, **noise)))

@@ -172,6 +172,29 @@ class CheckpointState:
         _atomic_write_text(self.path, json.dumps(self.data, indent=1, allow_nan=True))
 
 
+def epoch_curves(source, first_epoch=1, last_epoch=None):
+    """A run's per-epoch history as ``(epoch, value)`` pairs, the input of ``plots.learning_curves``.
+
+    Args:
+        source: a checkpoint folder (its ``state.json`` is read) or a history dict
+            (name -> one value per epoch, epoch 1 first).
+        first_epoch, last_epoch: keep epochs in this inclusive range; ``last_epoch=None`` keeps all.
+
+    Returns:
+        name -> [(epoch, value), ...] for every metric in the history.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source) / STATE
+        if not path.is_file():
+            raise FileNotFoundError(f"No {STATE} in {source}: expected a checkpoint folder written by training.")
+        history = CheckpointState(source)["history"]
+    else:
+        history = source
+    last_epoch = math.inf if last_epoch is None else last_epoch
+    return {name: [(epoch, value) for epoch, value in enumerate(values, 1) if first_epoch <= epoch <= last_epoch]
+            for name, values in history.items()}
+
+
 def learned_step_size(model):
     """N-EM's current step size η as a float, or None for a model whose M-step has none."""
     inner = model.cell.inner

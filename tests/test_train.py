@@ -443,6 +443,17 @@ def test_a_checkpoint_folder_keeps_its_monitor(tmp_path):
     assert state["epoch"] == 2
 
 
+def test_epoch_curves_number_the_epochs_from_one_and_keep_the_asked_range(tmp_path):
+    state = training.CheckpointState(tmp_path)
+    state["history"] = {"val_loss": [3.0, 2.0, 1.5, 1.2], "val_ami": [0.1, 0.3, 0.4, 0.5]}
+    state.save()
+    assert training.epoch_curves(tmp_path)["val_loss"] == [(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.2)]
+    assert training.epoch_curves(tmp_path, first_epoch=2, last_epoch=3)["val_ami"] == [(2, 0.3), (3, 0.4)]
+    assert training.epoch_curves(state["history"], last_epoch=1) == {"val_loss": [(1, 3.0)], "val_ami": [(1, 0.1)]}
+    with pytest.raises(FileNotFoundError, match=r"No state\.json in .*nowhere"):
+        training.epoch_curves(tmp_path / "nowhere")
+
+
 def test_best_weights_leave_out_the_optimizer_and_reload_to_the_trained_weights(tmp_path):
     rng = np.random.default_rng(0)
     features = (rng.random((4, 1, 6, 6, 1)) > 0.5).astype("float32")
