@@ -464,6 +464,8 @@ def _draw_curves(ax, curves: dict[str, np.ndarray]) -> None:
     for (name, points), colour in zip(curves.items(), _series_colours(len(curves))):
         marker = "o" if len(points) <= 30 else None  # markers only while they stay legible
         ax.plot(points[:, 0], points[:, 1], marker=marker, markersize=3, color=colour, label=name)
+    # Epochs and steps are counts: a run of a few epochs would otherwise get ticks at 5.5, 6.5, ...
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -585,7 +587,6 @@ def next_step_bce(results: Mapping, path: PathArg, *, per_step: Mapping | None =
     if curves:
         steps_ax = figure.add_subplot(1, 2, 2)
         _draw_curves(steps_ax, curves)
-        steps_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         steps_ax.set_xlabel("step")
         steps_ax.set_ylabel("next-step BCE (upper bound)")
         steps_ax.set_title("per step", fontsize=10)

@@ -181,6 +181,16 @@ def test_learning_curves_put_losses_and_scores_on_separate_panels(tmp_path):
     assert two_panels.shape[1] > 1.5 * one_panel.shape[1]
 
 
+def test_curves_of_a_short_run_get_whole_number_epoch_ticks():
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    plots._draw_curves(ax, {"val_ami": np.array([[5, 0.54], [6, 0.55], [7, 0.56], [8, 0.56]])})
+    ticks = [tick for tick in ax.get_xticks() if 5 <= tick <= 8]
+    assert len(ticks) >= 2
+    assert all(float(tick).is_integer() for tick in ticks), ticks
+
+
 def test_learning_curves_reject_malformed_metrics(tmp_path):
     with pytest.raises(ValueError, match=r"metrics\['val_loss'\] must be a list of \(step, val"):
         plots.learning_curves({"val_loss": [1.0, 2.0]}, tmp_path / "x.png")
