@@ -459,13 +459,20 @@ def learning_curves(metrics: Mapping[str, list[tuple[float, float]]], path: Path
     return _save(figure, path)
 
 
+def _tick_whole_numbers(ax) -> None:
+    """Put x ticks on whole numbers in strides of 1, 2, 5 or 10.
+
+    Epochs and steps are counts: a run of a few epochs would otherwise get ticks at 5.5, 6.5, ...
+    """
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+
+
 def _draw_curves(ax, curves: dict[str, np.ndarray]) -> None:
     """Draw each named (n, 2) array of (step, value) points as a line with a legend entry."""
     for (name, points), colour in zip(curves.items(), _series_colours(len(curves))):
         marker = "o" if len(points) <= 30 else None  # markers only while they stay legible
         ax.plot(points[:, 0], points[:, 1], marker=marker, markersize=3, color=colour, label=name)
-    # Epochs and steps are counts: a run of a few epochs would otherwise get ticks at 5.5, 6.5, ...
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    _tick_whole_numbers(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -522,6 +529,7 @@ def ami_per_step(
         trained_label = f"trained for {trained_steps} steps"
         ax.axvline(trained_steps, linestyle="--", color="0.3", label=trained_label)
     ax.set_xlim(1, max(scores.shape[1] for scores in series.values()))
+    _tick_whole_numbers(ax)
     ax.set_xlabel("step")
     ax.set_ylabel("AMI")
     ax.set_title("AMI per step: median, 25-75% band shaded", fontsize=10)

@@ -181,12 +181,14 @@ def test_learning_curves_put_losses_and_scores_on_separate_panels(tmp_path):
     assert two_panels.shape[1] > 1.5 * one_panel.shape[1]
 
 
-def test_curves_of_a_short_run_get_whole_number_epoch_ticks():
+@pytest.mark.parametrize("first, last", [(5, 8), (1, 20)])  # a short run's epochs; the steps of a sequence
+def test_epochs_and_steps_get_whole_number_ticks(first, last):
     from matplotlib.figure import Figure
 
     ax = Figure().subplots()
-    plots._draw_curves(ax, {"val_ami": np.array([[5, 0.54], [6, 0.55], [7, 0.56], [8, 0.56]])})
-    ticks = [tick for tick in ax.get_xticks() if 5 <= tick <= 8]
+    steps = np.arange(first, last + 1)
+    plots._draw_curves(ax, {"val_ami": np.stack([steps, np.linspace(0.5, 0.6, len(steps))], axis=1)})
+    ticks = [tick for tick in ax.get_xticks() if first <= tick <= last]
     assert len(ticks) >= 2
     assert all(float(tick).is_integer() for tick in ticks), ticks
 
