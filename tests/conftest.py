@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -99,3 +100,28 @@ def postgres_url(_postgres_server):
                    check=True, capture_output=True, text=True)
     return f"postgresql://postgres@127.0.0.1:{_postgres_server['port']}/{name}"
 # ------------------------------------------------------- end of PostgreSQL ---
+
+
+# ------------------------------------------------------------ tiny models ---
+# `flying`: tiny flying shapes and an untrained K = 3 sequence model, for the
+# tests that need a saved model but not a trained one.
+
+
+@pytest.fixture(scope="session")
+def flying(tmp_path_factory):
+    """Tiny flying shapes (4 frames, so 3 next-step predictions) and an untrained K = 3 model.
+
+    Returns a namespace with ``data`` (the .h5 file), ``weights`` (a .weights.h5 file) and
+    ``model`` (the whole model as a .keras file).
+    """
+    from neural_em.data import registry
+    from neural_em.data.pipeline import dataset_info
+    from neural_em.model.nem import NeuralEM, build
+
+    folder = tmp_path_factory.mktemp("flying")
+    data = registry.generate("flying_shapes_3", out=folder / "flying.h5", train=8, valid=8, test=8, frames=4,
+                             progress=False)
+    model = build(NeuralEM("flying_shapes", dataset_info(data).image_shape, k=3, seed=0), frames=4)
+    model.save_weights(folder / "flying.weights.h5")
+    model.save(folder / "flying.keras")
+    return SimpleNamespace(data=data, weights=folder / "flying.weights.h5", model=folder / "flying.keras")

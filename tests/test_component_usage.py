@@ -6,10 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neural_em.data import registry
-from neural_em.data.pipeline import dataset_info
-from neural_em.model.nem import NeuralEM, build
-
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "component_usage.py"
 spec = importlib.util.spec_from_file_location("component_usage", SCRIPT)
 component_usage = importlib.util.module_from_spec(spec)
@@ -47,21 +43,9 @@ def test_table_has_a_row_per_step():
     assert table[2] == "| 1 | 50% | 0% | 50% | 0.75 / 0.12 / 0.12 |"
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """Tiny flying shapes (4 frames) and an untrained K = 3 model saved as .keras."""
-    folder = tmp_path_factory.mktemp("usage")
-    data = registry.generate("flying_shapes_3", out=folder / "flying.h5", train=4, valid=4, test=6, frames=4,
-                             progress=False)
-    model = build(NeuralEM("flying_shapes", dataset_info(data).image_shape, k=3, seed=0), frames=4)
-    path = folder / "model.keras"
-    model.save(path)
-    return path, data
-
-
-def test_main_prints_a_table_for_each_k(saved, capsys):
-    path, data = saved
-    component_usage.main([str(path), str(data), "--k", "3", "2", "--steps", "1", "3", "--sequences", "6"])
+def test_main_prints_a_table_for_each_k(flying, capsys):
+    component_usage.main([str(flying.model), str(flying.data), "--k", "3", "2", "--steps", "1", "3",
+                          "--sequences", "6"])
     out = capsys.readouterr().out
     assert "with K=3: first 6 test sequences" in out and "with K=2: first 6 test sequences" in out
     rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
@@ -71,7 +55,6 @@ def test_main_prints_a_table_for_each_k(saved, capsys):
         assert sum(percentages) == pytest.approx(100, abs=1.5)
 
 
-def test_main_rejects_steps_beyond_the_sequence(saved):
-    path, data = saved
+def test_main_rejects_steps_beyond_the_sequence(flying):
     with pytest.raises(SystemExit):
-        component_usage.main([str(path), str(data), "--steps", "9", "--sequences", "6"])
+        component_usage.main([str(flying.model), str(flying.data), "--steps", "9", "--sequences", "6"])

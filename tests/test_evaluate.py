@@ -33,18 +33,6 @@ def trained(tmp_path_factory):
     return SimpleNamespace(folder=folder, data=data, db=db, run_id=run._id)
 
 
-@pytest.fixture(scope="module")
-def flying(tmp_path_factory):
-    """Tiny flying shapes (4 frames, so 3 next-step predictions) and untrained K = 3 weights."""
-    folder = tmp_path_factory.mktemp("flying")
-    data = registry.generate("flying_shapes_3", out=folder / "flying.h5", train=8, valid=8, test=8, frames=4,
-                             progress=False)
-    model = build(NeuralEM("flying_shapes", dataset_info(data).image_shape, k=3, seed=0), frames=4)
-    weights = folder / "flying.weights.h5"
-    model.save_weights(weights)
-    return SimpleNamespace(data=data, weights=weights)
-
-
 def _evaluate(db, named_configs=(), command=None, **updates):
     return evaluate.ex.run(command, config_updates={**QUIET, **updates}, named_configs=named_configs,
                            options={"--db": db})
