@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from neural_em import evaluate
+from neural_em.data.pipeline import dataset_info
 
 
 def component_shares(gamma, groups, step):
@@ -82,16 +83,16 @@ def main(argv=None):
         parser.error(f"--k must be positive, got {args.k}")
 
     trained = keras.saving.load_model(args.checkpoint, compile=False)
+    last = trained.steps_for(dataset_info(args.data, "test").frames)
+    steps = args.steps or sorted({1, min(5, last), last})
+    if not all(1 <= step <= last for step in steps):  # checked before any (minutes-long) evaluation
+        parser.error(f"--steps must lie in 1..{last} for {args.data}, got {steps}")
     for k in args.k or [trained.k]:
         model = trained if k == trained.k else trained.with_settings(k=k)
         example = evaluate.evaluate_model(model, args.data, "test", max_sequences=args.sequences,
                                           noise_type=args.noise_type, noise_prob=args.noise_prob,
                                           progress=False).example
         gamma, groups = example["gamma"], example["groups"]  # (B, S, K, H, W, 1), (B, S, H, W, 1)
-        last = gamma.shape[1]
-        steps = args.steps or sorted({1, min(5, last), last})
-        if not all(1 <= step <= last for step in steps):
-            parser.error(f"--steps must lie in 1..{last} for {args.data}, got {steps}")
         print(f"\n{args.checkpoint} with K={k}: first {gamma.shape[0]} test sequences of {args.data}, "
               f"sequences using u components (at least {args.min_share:g} of the object pixels)\n")
         print(usage_table(gamma, groups, steps, args.min_share))

@@ -55,6 +55,7 @@ def test_main_prints_a_table_for_each_k(flying, capsys):
         assert sum(percentages) == pytest.approx(100, abs=1.5)
 
 
-def test_main_rejects_steps_beyond_the_sequence(flying):
+def test_main_rejects_steps_beyond_the_sequence(flying, capsys):
     with pytest.raises(SystemExit):
         component_usage.main([str(flying.model), str(flying.data), "--steps", "9", "--sequences", "6"])
+    assert "--steps must lie in 1..3" in capsys.readouterr().err  # 4 frames: 3 next-step predictions
