@@ -248,11 +248,17 @@ class MetricsSqlObserver(RunObserver):
             if self.db_url.get_backend_name() == "sqlite":
                 Path(self.db_url.database).parent.mkdir(parents=True, exist_ok=True)
             engine = _create_engine(self.db_url)
-            try:
-                schema.create_all(engine)
-            except sa.exc.OperationalError as error:
-                engine.dispose()
-                raise _cannot_open(self.db_url, error) from error
+            for attempt in range(3):
+                try:
+                    schema.create_all(engine)
+                    break
+                except sa.exc.OperationalError as error:
+                    # Two runs started together on a new database: the other created a table
+                    # between our check and our CREATE; checking again finds it.
+                    if "already exists" in str(error) and attempt < 2:
+                        continue
+                    engine.dispose()
+                    raise _cannot_open(self.db_url, error) from error
             self._engine = engine
         return self._engine
 

@@ -181,6 +181,28 @@ def test_missing_database_is_reported_and_not_created(tmp_path, capsys):
     assert not missing.exists()
 
 
+def test_run_starting_while_another_creates_the_tables_still_opens(tmp_path, monkeypatch):
+    # Two evaluations started side by side on a new database: the other process creates the
+    # tables between this one's check and its CREATE, which then fails with "already exists".
+    url = f"sqlite:///{tmp_path / 'runs' / 'new.db'}"
+    real_create_all = observers.schema.create_all
+    calls = []
+
+    def create_all_losing_the_race(engine, **options):
+        calls.append(engine)
+        if len(calls) == 1:
+            other = sqlalchemy.create_engine(url)
+            real_create_all(other)  # the other process wins
+            other.dispose()
+            return real_create_all(engine, checkfirst=False)  # raises: table already exists
+        return real_create_all(engine, **options)
+
+    monkeypatch.setattr(observers.schema, "create_all", create_all_losing_the_race)
+    run = run_quietly(tiny_experiment(tmp_path, observers.make_observer(url)))
+    assert len(calls) == 2
+    assert observers.list_runs(url)[0]["id"] == run._id
+
+
 def test_empty_database_prints_no_runs(tmp_path, capsys):
     empty = tmp_path / "empty.db"
     empty.touch()
