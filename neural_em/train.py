@@ -43,8 +43,12 @@ def train(_config, _run, seed):
     run_cfg = config["training"]
     # Static images get fresh noise at every EM step, as in the published code.
     noise = dict(noise_type=noise_type, noise_prob=config["noise"]["prob"], static_steps=config["nr_steps"])
+    folder = experiment.checkpoint_dir(config)
+    # A resumed run goes on with the order and noise of its next epoch, as if never interrupted.
+    epochs_done = training.CheckpointState(folder)["epoch"] if config["resume"] else 0
     train_batches = training.make_batches(path, "training", run_cfg["batch_size"], shuffle=True, seed=seed,
-                                          max_sequences=run_cfg["train_sequences"], **noise)
+                                          max_sequences=run_cfg["train_sequences"], first_epoch=epochs_done,
+                                          **noise)
     valid_batches = training.make_batches(path, "validation", run_cfg["batch_size"], shuffle=False, seed=seed + 1,
                                           max_sequences=run_cfg["valid_sequences"], reshuffle_each_iteration=False,
                                           **noise)
@@ -55,7 +59,6 @@ def train(_config, _run, seed):
                                      max_sequences=score_count, with_groups=True, reshuffle_each_iteration=False,
                                      **noise)
 
-    folder = experiment.checkpoint_dir(config)
     if not config["resume"] and (folder / training.STATE).exists():
         raise experiment.ConfigError(
             f"Checkpoint folder {folder} already holds a run and resume=False; "

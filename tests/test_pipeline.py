@@ -177,6 +177,25 @@ def test_pydataset_without_reshuffle_repeats_epoch_zero(data_path):
         np.testing.assert_array_equal(value, before[key])
 
 
+def test_pydataset_first_epoch_resumes_the_epoch_stream(data_path):
+    """A run resumed after two epochs sees epoch 2's order and noise, not epoch 0's again."""
+    uninterrupted = H5Batches(data_path, "training", 16, with_groups=True, seed=3, noise_prob=0.3)
+    uninterrupted.on_epoch_end()
+    uninterrupted.on_epoch_end()
+    resumed = H5Batches(data_path, "training", 16, with_groups=True, seed=3, noise_prob=0.3, first_epoch=2)
+    for i in range(len(resumed)):
+        for key, value in resumed[i].items():
+            np.testing.assert_array_equal(value, uninterrupted[i][key])
+    fresh = H5Batches(data_path, "training", 16, with_groups=True, seed=3, noise_prob=0.3)
+    assert not np.array_equal(fresh[0]["noisy"], resumed[0]["noisy"])
+
+
+@pytest.mark.parametrize("first_epoch", [-1, 1.5, True])
+def test_first_epoch_must_be_a_non_negative_integer(data_path, first_epoch):
+    with pytest.raises(ValueError, match="first_epoch must be an integer >= 0"):
+        H5Batches(data_path, "training", 16, first_epoch=first_epoch)
+
+
 def test_pydataset_max_sequences_limits_to_the_first_ones(data_path):
     batches = H5Batches(data_path, "training", 8, with_groups=True, max_sequences=12)
     assert len(batches) == 2
@@ -260,6 +279,20 @@ def test_tf_dataset_new_epoch_each_pass_reproducible_from_seed(data_path):
 
     fixed = make_tf_dataset(data_path, "training", 16, seed=2, reshuffle_each_iteration=False)
     np.testing.assert_array_equal(_epoch(fixed)[0]["noisy"], _epoch(fixed)[0]["noisy"])
+
+
+def test_tf_dataset_first_epoch_matches_the_later_passes_and_the_pydataset(data_path):
+    pytest.importorskip("tensorflow")
+    options = dict(seed=2, with_groups=True, noise_prob=0.3)
+    uninterrupted = make_tf_dataset(data_path, "training", 16, **options)
+    _epoch(uninterrupted), _epoch(uninterrupted)
+    third = _epoch(uninterrupted)
+    resumed = _epoch(make_tf_dataset(data_path, "training", 16, first_epoch=2, **options))
+    pydataset = H5Batches(data_path, "training", 16, first_epoch=2, **options)
+    for i, (batch, expected) in enumerate(zip(resumed, third)):
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], expected[key])
+        np.testing.assert_array_equal(_sequence_ids(batch), _sequence_ids(pydataset[i]))
 
 
 def test_tf_dataset_max_sequences(data_path):

@@ -71,6 +71,13 @@ def check_static_steps(static_steps):
     return static_steps
 
 
+def check_first_epoch(first_epoch):
+    """Validates ``first_epoch`` (an integer >= 0) and returns it as an int."""
+    if isinstance(first_epoch, bool) or not isinstance(first_epoch, (int, np.integer)) or first_epoch < 0:
+        raise ValueError(f"first_epoch must be an integer >= 0, got {first_epoch!r}")
+    return int(first_epoch)
+
+
 def add_noise(features: np.ndarray, noise_type, prob: float, rng: np.random.Generator) -> np.ndarray:
     """Corrupts images with input noise (numpy).
 
@@ -280,6 +287,7 @@ def make_tf_dataset(
     shuffle_blocks: int = 16,
     reshuffle_each_iteration: bool = True,
     static_steps: int | None = None,
+    first_epoch: int = 0,
 ):
     """A `tf.data.Dataset` of batches streamed from a data set file.
 
@@ -303,6 +311,8 @@ def make_tf_dataset(
         static_steps: for data sets of single images (T = 1): corrupt each image
             independently this many times, so "noisy" is (B, static_steps, H, W, C), one copy
             per EM step, as the published code does; None: one copy. Ignored for sequences.
+        first_epoch: the epoch whose order and noise the first pass uses (the epochs already
+            trained, when a run resumes, so that it sees what an uninterrupted run would).
 
     Returns:
         A dataset of dicts {"features", "noisy"[, "groups"]}, each (B, T, H, W, C) with
@@ -316,7 +326,7 @@ def make_tf_dataset(
         path, split, batch_size, shuffle=shuffle, seed=seed, shuffle_blocks=shuffle_blocks,
         drop_remainder=drop_remainder, max_sequences=max_sequences,
     )
-    epochs = itertools.count() if reshuffle_each_iteration else itertools.repeat(0)
+    epochs = itertools.count(check_first_epoch(first_epoch)) if reshuffle_each_iteration else itertools.repeat(0)
 
     def generate_batches():
         epoch = next(epochs)
@@ -368,7 +378,7 @@ class H5Batches(keras.utils.PyDataset):
     Args:
         path, split, batch_size, shuffle, seed, noise_type, noise_prob, with_groups,
         drop_remainder, max_sequences, shuffle_blocks, reshuffle_each_iteration,
-            static_steps: as in `make_tf_dataset`.
+            static_steps, first_epoch: as in `make_tf_dataset`.
         **kwargs: passed to `keras.utils.PyDataset` (workers, use_multiprocessing,
             max_queue_size).
     """
@@ -389,6 +399,7 @@ class H5Batches(keras.utils.PyDataset):
         shuffle_blocks: int = 16,
         reshuffle_each_iteration: bool = True,
         static_steps: int | None = None,
+        first_epoch: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -404,7 +415,7 @@ class H5Batches(keras.utils.PyDataset):
             path, split, batch_size, shuffle=shuffle, seed=seed, shuffle_blocks=shuffle_blocks,
             drop_remainder=drop_remainder, max_sequences=max_sequences,
         )
-        self.epoch = 0
+        self.epoch = check_first_epoch(first_epoch) if reshuffle_each_iteration else 0
         # Opened on first use in each process: h5py handles cannot cross a fork or pickle.
         self._dataset, self._dataset_pid = None, None
 
