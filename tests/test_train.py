@@ -231,6 +231,12 @@ def _train_one_epoch_in_process(data, checkpoint_dir, updates):
     return ex.run(config_updates=config, options={"--unobserved": True})
 
 
+def _weights_and_history(checkpoint_dir):
+    """The weights of a checkpoint folder's last.keras and its per-epoch history."""
+    model = keras.saving.load_model(checkpoint_dir / training.LAST_MODEL)
+    return model.get_weights(), json.loads((checkpoint_dir / training.STATE).read_text())["history"]
+
+
 def test_training_records_the_drawn_step_size(tmp_path, monkeypatch, tiny_shapes):
     monkeypatch.chdir(tmp_path)
     run = _train_one_epoch_in_process(tiny_shapes, tmp_path / "ckpt",
@@ -252,8 +258,7 @@ def test_the_seed_decides_the_run(tmp_path, monkeypatch, tiny_shapes):
 
     def trained(seed, name):
         _train_one_epoch_in_process(tiny_shapes, tmp_path / name, {"seed": seed})
-        model = keras.saving.load_model(tmp_path / name / training.LAST_MODEL)
-        return model.get_weights(), json.loads((tmp_path / name / training.STATE).read_text())["history"]
+        return _weights_and_history(tmp_path / name)
 
     first_weights, first_history = trained(3, "first")
     again_weights, again_history = trained(3, "again")
@@ -273,11 +278,8 @@ def test_a_resumed_run_trains_as_an_uninterrupted_one(tmp_path, monkeypatch, tin
     _train_one_epoch_in_process(tiny_shapes, tmp_path / "resumed", {})
     _train_one_epoch_in_process(tiny_shapes, tmp_path / "resumed", {"training.max_epochs": 2})
 
-    def trained(name):
-        model = keras.saving.load_model(tmp_path / name / training.LAST_MODEL)
-        return model.get_weights(), json.loads((tmp_path / name / training.STATE).read_text())["history"]
-
-    (straight_weights, straight_history), (resumed_weights, resumed_history) = trained("straight"), trained("resumed")
+    straight_weights, straight_history = _weights_and_history(tmp_path / "straight")
+    resumed_weights, resumed_history = _weights_and_history(tmp_path / "resumed")
     # Replaying epoch 1's order and noise (as resumed runs did before `first_epoch`) moved epoch 2's
     # loss by about 1e-3 (relative); what remains now is rounding: within 1e-5, weights within 1e-4.
     assert resumed_history["loss"] == pytest.approx(straight_history["loss"], rel=1e-5)
