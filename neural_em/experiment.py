@@ -91,6 +91,7 @@ def shared_config():
         "unroll": False,  # unroll the EM loop instead of a symbolic loop
         "verbose": 1,
         "time_limit_minutes": None,  # pause after the last epoch that ends in time; the same command resumes
+        "keep_epoch_weights": False,  # also keep every epoch's weights in <checkpoint_dir>/epochs/ (for averaging)
     }
     scoring = {
         "valid_sequences": 1000,  # validation subset scored (AMI, ARI) every epoch; 0: none
@@ -144,6 +145,9 @@ def check_config(config):
     limit = config["training"].get("time_limit_minutes")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
         fail("training.time_limit_minutes", limit, "None or a positive number of minutes")
+    keep = config["training"].get("keep_epoch_weights", False)
+    if not isinstance(keep, bool):
+        fail("training.keep_epoch_weights", keep, "True or False")
     monitor = config["training"]["monitor"]
     if monitor not in MONITORS:
         fail("training.monitor", monitor, " or ".join(map(repr, MONITORS)))
@@ -224,7 +228,7 @@ def make_model(config, info, **overrides):
 
 
 IGNORED_FOR_CHECKPOINT = ("checkpoint_dir", "resume", "training.verbose", "training.max_epochs", "training.patience",
-                          "training.time_limit_minutes")
+                          "training.time_limit_minutes", "training.keep_epoch_weights")
 
 
 def checkpoint_dir(config, root="runs/checkpoints"):

@@ -73,6 +73,7 @@ def train(_config, _run, seed):
         verbose=run_cfg["verbose"],
         time_limit=None if run_cfg["time_limit_minutes"] is None else 60 * run_cfg["time_limit_minutes"],
         optimizer_source=optimizer_source, monitor=run_cfg["monitor"],
+        keep_epoch_weights=run_cfg["keep_epoch_weights"],
     )
     _run.info.update(epochs=state["epoch"], best_epoch=state["best_epoch"], stop_reason=state["stop_reason"])
 

@@ -33,6 +33,7 @@ from neural_em.data.pipeline import H5Batches, make_tf_dataset
 LAST_MODEL = "last.keras"
 BEST_WEIGHTS = "best.weights.h5"
 STATE = "state.json"
+EPOCH_WEIGHTS = "epochs/epoch{epoch:03d}.weights.h5"  # with keep_epoch_weights: every epoch's weights
 
 
 class TrainingDiverged(RuntimeError):
@@ -215,10 +216,11 @@ class EpochEnd(keras.callbacks.Callback):
             expected to end within it (the next run of the same command resumes).
         monitor: what picks the best epoch and drives early stopping: 'val_loss' (lowest) or
             'val_ami' (highest; needs ``score_batches``).
+        keep_epoch_weights: also save every epoch's weights as ``EPOCH_WEIGHTS`` in the folder.
     """
 
     def __init__(self, folder, state, patience, score_batches=None, log_metric=None, average_method="max",
-                 time_limit=None, monitor="val_loss"):
+                 time_limit=None, monitor="val_loss", keep_epoch_weights=False):
         super().__init__()
         self.folder = Path(folder)
         self.state = state
@@ -228,6 +230,7 @@ class EpochEnd(keras.callbacks.Callback):
         self.log_metric = log_metric or (lambda name, value, step: None)
         self.average_method = average_method
         self.time_limit = time_limit
+        self.keep_epoch_weights = keep_epoch_weights
         self.diverged = None
         self.paused = None
         self.started = self.epoch_started = time.monotonic()
@@ -288,6 +291,10 @@ class EpochEnd(keras.callbacks.Callback):
                 self.paused = f"time limit of {self.time_limit:g} s reached after epoch {epoch + 1}"
                 self.state["stop_reason"] = self.paused
                 self.model.stop_training = True
+        if self.keep_epoch_weights:
+            path = self.folder / EPOCH_WEIGHTS.format(epoch=epoch + 1)
+            path.parent.mkdir(exist_ok=True)
+            _atomic_save(lambda tmp: save_model_weights(self.model, tmp), path)
         _atomic_save(self.model.save, self.folder / LAST_MODEL)
         self.state.save()
 
@@ -360,7 +367,7 @@ def copy_optimizer_state(source, model):
 
 def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, learning_rate=1e-3,
           score_batches=None, log_metric=None, average_method="max", jit_compile="auto", verbose=1, callbacks=(),
-          time_limit=None, optimizer_source=None, monitor="val_loss"):
+          time_limit=None, optimizer_source=None, monitor="val_loss", keep_epoch_weights=False):
     """Trains ``model`` (compiled here with Adam), or resumes from ``folder``.
 
     Args:
@@ -386,6 +393,9 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
             stops when it has not fallen for ``patience`` epochs (the published code's rule);
             'val_ami' does the same with the highest validation AMI (needs ``score_batches``).
             A checkpoint folder keeps the monitor it was started with.
+        keep_epoch_weights: also keep every epoch's weights (without Adam's state) as
+            ``epochs/epochNNN.weights.h5``, to average the last epochs' weights
+            (``neural_em.averaging``) or score any epoch later.
 
     Returns:
         (model with the best weights loaded, CheckpointState).
@@ -430,7 +440,7 @@ def train(model, folder, train_batches, valid_batches, *, max_epochs, patience, 
         # A paused run goes on, and so does one that ended at a lower max_epochs.
         state["finished"], state["stop_reason"] = False, None
         epoch_end = EpochEnd(folder, state, patience, score_batches, log_metric, average_method, time_limit,
-                             monitor)
+                             monitor, keep_epoch_weights)
         model.fit(train_batches, validation_data=valid_batches, epochs=max_epochs, initial_epoch=state["epoch"],
                   callbacks=[epoch_end, *callbacks], verbose=verbose, shuffle=False)  # the pipelines shuffle
         if epoch_end.diverged:

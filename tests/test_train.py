@@ -170,6 +170,7 @@ def test_stage_wise_training_starts_from_given_weights(tmp_path, tiny_shapes):
     ("training.time_limit_minutes=-1", "training.time_limit_minutes=-1"),
     ("network.step_size=0.5", "network.step_size=0.5"),  # the default network is RNN-EM's, not N-EM's
     ("training.monitor=val_acc", "training.monitor='val_acc'"),
+    ("training.keep_epoch_weights=yes", "training.keep_epoch_weights='yes'"),
 ])
 def test_invalid_configuration_fails_before_training(tmp_path, monkeypatch, update, message):
     from neural_em.train import ex
@@ -568,3 +569,15 @@ def test_copy_optimizer_state_keeps_the_learning_rate_and_refuses_another_model(
     other.compile(optimizer=keras.optimizers.Adam(0.001))
     with pytest.raises(ValueError, match=r"Cannot continue the state of Adam \(\d+ variables\) in Adam"):
         training.copy_optimizer_state(source, other)
+
+
+def test_keep_epoch_weights_reaches_training_from_the_config_and_keeps_the_folder_name(tmp_path, monkeypatch,
+                                                                                       tiny_shapes):
+    monkeypatch.chdir(tmp_path)
+    _train_one_epoch_in_process(tiny_shapes, tmp_path / "ckpt", {"training.keep_epoch_weights": True})
+    assert (tmp_path / "ckpt" / training.EPOCH_WEIGHTS.format(epoch=1)).is_file()
+    # a saving choice, not a model setting: the same run resumes in the same default folder either way
+    def config(**training):
+        return {**_nem_config(None), "training": {"batch_size": 64, **training}}
+
+    assert experiment.checkpoint_dir(config(keep_epoch_weights=True)) == experiment.checkpoint_dir(config())
