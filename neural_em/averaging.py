@@ -102,6 +102,7 @@ def average_weights(sources, destination):
                     raise ValueError(f"{source}: weight {key} has shape {arrays[key].shape}, "
                                      f"{sources[0]} has {dataset.shape}.")
 
+        averaged = [key for key, dataset in reference.items() if np.issubdtype(dataset.dtype, np.floating)]
         destination.parent.mkdir(parents=True, exist_ok=True)
         handle, scratch = tempfile.mkstemp(suffix=WEIGHTS_SUFFIX, dir=destination.parent)
         os.close(handle)
@@ -112,10 +113,9 @@ def average_weights(sources, destination):
                 for name, item in files[0].items():
                     if name != OPTIMIZER_GROUP:
                         files[0].copy(item, out, name=name)
-                for key, dataset in reference.items():
-                    if np.issubdtype(dataset.dtype, np.floating):
-                        stacked = np.stack([f[key][()].astype(np.float64) for f in files])  # (n_sources, *shape)
-                        out[key][...] = stacked.mean(axis=0).astype(dataset.dtype)
+                for key in averaged:
+                    stacked = np.stack([f[key][()].astype(np.float64) for f in files])  # (n_sources, *shape)
+                    out[key][...] = stacked.mean(axis=0).astype(reference[key].dtype)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(scratch, 0o666 & ~umask)  # mkstemp's file is private; the result is an ordinary file
@@ -126,7 +126,7 @@ def average_weights(sources, destination):
     finally:
         for weights_file in files:
             weights_file.close()
-    return sum(np.issubdtype(dataset.dtype, np.floating) for dataset in reference.values())
+    return len(averaged)
 
 
 def main(argv=None):

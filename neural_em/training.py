@@ -277,7 +277,7 @@ class EpochEnd(keras.callbacks.Callback):
         if self._improved(val_loss, logs.get("val_ami")):
             self.state["best_val_loss"], self.state["best_epoch"], self.state["wait"] = val_loss, epoch + 1, 0
             self.state["best_ami"] = logs.get("val_ami")
-            _atomic_save(lambda path: save_model_weights(self.model, path), self.folder / BEST_WEIGHTS)
+            self._save_weights(self.folder / BEST_WEIGHTS)
         else:
             self.state["wait"] += 1
         self.state["epoch"] = epoch + 1
@@ -294,9 +294,12 @@ class EpochEnd(keras.callbacks.Callback):
         if self.keep_epoch_weights:
             path = self.folder / EPOCH_WEIGHTS.format(epoch=epoch + 1)
             path.parent.mkdir(exist_ok=True)
-            _atomic_save(lambda tmp: save_model_weights(self.model, tmp), path)
+            self._save_weights(path)
         _atomic_save(self.model.save, self.folder / LAST_MODEL)
         self.state.save()
+
+    def _save_weights(self, path):
+        _atomic_save(lambda tmp: save_model_weights(self.model, tmp), path)
 
     def _improved(self, val_loss, val_ami):
         if self.monitor == "val_ami":
