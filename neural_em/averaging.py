@@ -86,8 +86,10 @@ def average_weights(sources, destination):
     if any(destination.resolve() == source.resolve() for source in sources):
         raise ValueError(f"--out {destination} is one of the files to average; name a new file.")
 
-    files = [_open_weights(source) for source in sources]
+    files = []  # filled one by one, so a file that fails to open leaves the others closed
     try:
+        for source in sources:
+            files.append(_open_weights(source))
         reference = _weight_arrays(files[0])
         if not reference:
             raise ValueError(f"{sources[0]} holds no weights.")
